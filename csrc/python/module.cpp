@@ -1,0 +1,33 @@
+// The Python extension module mblm._C. Importing it runs the TORCH_LIBRARY registrations of
+// every op object linked in; the module itself only reports how it was built.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = MBLM_VERSION;
+  info["torch"] = MBLM_TORCH_VERSION;
+#ifdef MBLM_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(MBLM_CUDA_ARCHS);
+  info["cpu_arch"] = std::string(MBLM_CPU_ARCH);
+  info["compiler"] = std::string(__VERSION__);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mblm-cpp compute core: registers the torch.ops.mblm operators";
+  m.def("build_info", &build_info, "How this extension was built (torch, CUDA, CPU arch)");
+}

@@ -1,0 +1,18 @@
+"""The mblm compute core: custom operators in ``torch.ops.mblm``.
+
+Importing this package loads the compiled extension ``mblm._C`` (which registers the C++/CUDA
+kernels) and then the per-family Python modules, which add fake (meta) implementations and
+autograd formulas. ``mblm.ops.reference`` holds the plain-PyTorch meaning of every op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mblm.ops._loader import build_info, load_extension
+
+load_extension()
+
+from mblm.ops import attention, patch  # noqa: E402  (registers fakes and autograd)
+
+__all__ = ["attention", "build_info", "patch"]
