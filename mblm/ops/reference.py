@@ -119,3 +119,150 @@ def attention_ref(
     probs = torch.exp(scores - lse[..., None])
     out = torch.einsum("nhij,njhd->nihd", probs, vc)
     return out.to(q.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# conv / scan / ssd families: the Mamba primitives (causal depthwise conv1d, Mamba1 selective
+# scan, Mamba2 state-space-dual scan). All three return the state needed to continue the sequence
+# later, so that running a sequence in pieces (or one step at a time) equals one full run.
+# ---------------------------------------------------------------------------------------------
+
+
+def causal_conv1d_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    initial_state: Tensor | None,
+    activation: bool,
+) -> tuple[Tensor, Tensor]:
+    """Depthwise causal convolution over time (the causal-conv1d package's semantics).
+
+    x: (B, C, L); weight: (C, K); bias: (C,) or None; initial_state: (B, C, K-1), the K-1 inputs
+    that precede x[:, :, 0] (oldest first), or None for zeros; activation: apply SiLU.
+    ``y[b, c, t] = bias[c] + sum_k weight[c, k] * xx[b, c, t + k]`` where ``xx`` is
+    ``initial_state`` followed by ``x`` (a cross-correlation, as torch's conv1d).
+    Returns y (B, C, L) in x's dtype and final_state (B, C, K-1) in x's dtype: the last K-1
+    inputs of ``xx``, i.e. the initial_state of the continuation.
+    """
+    cdt = _compute_dtype(x)
+    batch, channels, length = x.shape
+    width = weight.shape[1]
+    xc = x.to(cdt)
+    if initial_state is None:
+        prefix = xc.new_zeros(batch, channels, width - 1)
+    else:
+        prefix = initial_state.to(cdt)
+    xx = torch.cat((prefix, xc), dim=2)
+    windows = xx.unfold(2, width, 1)
+    y = (windows * weight.to(cdt)[:, None, :]).sum(-1)
+    if bias is not None:
+        y = y + bias.to(cdt)[:, None]
+    if activation:
+        y = torch.nn.functional.silu(y)
+    final_state = xx[:, :, length:]
+    return y.to(x.dtype), final_state.to(x.dtype)
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mamba1 selective scan (mamba_ssm's ``selective_scan_fn``), as a sequential recurrence.
+
+    u, delta: (B, D, L); A: (D, N) (real, normally negative); B, C: (B, N, L), shared by all
+    channels; D: (D,) skip or None; z: (B, D, L) gate or None; delta_bias: (D,) or None;
+    initial_state: (B, D, N) or None for zeros. With ``dt = delta (+ delta_bias)`` (then
+    softplus when ``delta_softplus``), per channel d and step t:
+
+        h_t = exp(dt_t A[d]) * h_{t-1} + dt_t * B_t * u_t         (zero-order hold A, Euler B)
+        y_t = <h_t, C_t> + D[d] * u_t;   y_t *= silu(z_t) if z is given
+
+    Math in float32 (float64 for float64 u). Returns y (B, D, L) in u's dtype and the last state
+    h_{L-1} (B, D, N) in the compute dtype (the initial_state of the continuation).
+    """
+    cdt = _compute_dtype(u)
+    uc = u.to(cdt)
+    dt = delta.to(cdt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    Ac, Bc, Cc = A.to(cdt), B.to(cdt), C.to(cdt)
+    decay = torch.exp(dt[..., None] * Ac[:, None, :])
+    drive = (dt * uc)[..., None] * Bc.transpose(1, 2)[:, None, :, :]
+    batch, channels, length = u.shape
+    if initial_state is None:
+        h = uc.new_zeros(batch, channels, A.shape[1])
+    else:
+        h = initial_state.to(cdt)
+    ys = []
+    for t in range(length):
+        h = decay[:, :, t] * h + drive[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, Cc[:, :, t]))
+    y = torch.stack(ys, dim=2) if ys else uc.new_zeros(batch, channels, 0)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * uc
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.to(cdt))
+    return y.to(u.dtype), h
+
+
+def ssd_ref(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Mamba2 scan (mamba_ssm's ``mamba_chunk_scan_combined``), as a sequential recurrence.
+
+    x: (B, L, H, P); dt: (B, L, H); A: (H,) one scalar per head; B, C: (B, L, G, N) with G
+    dividing H (head h reads group h // (H / G)); D: (H,) or (H, P) skip, or None; dt_bias: (H,)
+    or None; initial_state: (B, H, P, N) or None for zeros. With ``d = dt (+ dt_bias)`` (then
+    softplus when ``dt_softplus``), per head h and step t:
+
+        S_t = exp(d_t A[h]) * S_{t-1} + d_t * x_t (outer) B_t        S_t: (P, N)
+        y_t = S_t C_t + D[h] * x_t
+
+    The chunked SSD algorithm computes the same quantity up to reassociation. Math in float32
+    (float64 for float64 x). Returns y (B, L, H, P) in x's dtype and the last state S_{L-1}
+    (B, H, P, N) in the compute dtype.
+    """
+    cdt = _compute_dtype(x)
+    batch, length, heads, headdim = x.shape
+    groups, state = B.shape[2], B.shape[3]
+    xc = x.to(cdt)
+    d = dt.to(cdt)
+    if dt_bias is not None:
+        d = d + dt_bias.to(cdt)
+    if dt_softplus:
+        d = torch.nn.functional.softplus(d)
+    Bh = B.to(cdt).repeat_interleave(heads // groups, dim=2)
+    Ch = C.to(cdt).repeat_interleave(heads // groups, dim=2)
+    decay = torch.exp(d * A.to(cdt))
+    dx = d[..., None] * xc
+    if initial_state is None:
+        s = xc.new_zeros(batch, heads, headdim, state)
+    else:
+        s = initial_state.to(cdt)
+    ys = []
+    for t in range(length):
+        s = decay[:, t, :, None, None] * s + dx[:, t, :, :, None] * Bh[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", s, Ch[:, t]))
+    y = torch.stack(ys, dim=1) if ys else xc.new_zeros(batch, 0, heads, headdim)
+    if D is not None:
+        Dc = D.to(cdt)
+        y = y + (Dc[:, None] if Dc.dim() == 1 else Dc) * xc
+    return y.to(x.dtype), s

@@ -1,0 +1,1 @@
+"""The MBLM model: configs, stage blocks and the hierarchical model itself."""

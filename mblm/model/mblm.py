@@ -1,0 +1,837 @@
+"""MBLM, the Multiscale Byte Language Model, and MBLMEncoder, its bidirectional (MLM) variant.
+
+Wording: a hierarchy has n stages; stage 0 is the most global, stage n-1 the local one.
+Notation in comments: V vocabulary size, B batch, L flat input length, P_k / D_k the sequence
+length / model width of stage k, P0' = ceil(L / (P_1 * ... * P_{n-1})) the number of global
+patches actually used.
+
+The module tree, parameter creation order (seeded initial weights), state_dict keys and results
+are those of the original mblm 0.4.2. The data movement of the hierarchy (padding into patches,
+stage-input assembly with the start token, positional and previous-stage terms, and reading the
+local outputs back in byte order) runs in the fused ``mblm.ops.patch`` kernels; Transformer
+stages run attention in ``mblm.ops.attention``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Literal, overload
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from mblm.model.block import StageBlock
+from mblm.model.config import (
+    MaskReduceStrat,
+    MBLMEncoderModelConfig,
+    MBLMModelConfig,
+    MBLMReturnType,
+)
+from mblm.model.multi_stage_token_embedding import MultiStageTokenEmbedding
+from mblm.model.utils import Rearrange, RoPE, gumbel_sample, top_k
+from mblm.ops.patch import patch_pad, patch_unpatch, stage_input
+from mblm.utils.stream import ByteStreamer
+
+__all__ = ["MBLM", "MBLMEncoder", "MBLMInputError"]
+
+
+class MBLMInputError(ValueError, AssertionError):
+    """Invalid model input. A ValueError, and also an AssertionError because the original
+    reported these conditions with ``assert`` (code catching either keeps working)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction shared by MBLM and MBLMEncoder
+# ---------------------------------------------------------------------------------------------
+
+
+def _positional_embeddings(
+    model_dims: Iterable[int], seq_lens: Iterable[int], blocks: Iterable[StageBlock]
+) -> nn.ModuleList:
+    """One module per stage: Identity, a learned ``Embedding(P_k, D_k)`` or a ``RoPE``."""
+    modules = nn.ModuleList()
+    for model_dim, seq_len, block in zip(model_dims, seq_lens, blocks, strict=False):
+        if not block.pos_emb_type:
+            modules.append(nn.Identity())
+        elif block.pos_emb_type == "fixed":
+            modules.append(nn.Embedding(seq_len, model_dim))
+        elif block.pos_emb_type == "rope":
+            # the cache grows when a longer sequence arrives
+            modules.append(RoPE(model_dim, max_seq_len=seq_len))
+    return modules
+
+
+def _stage_models(
+    model_dims: Sequence[int],
+    seq_lens: Sequence[int],
+    num_stage_layers: Iterable[int],
+    blocks: Iterable[StageBlock],
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """Stage models and the projections of each stage's outputs onto the next stage's patches:
+    ``Linear(D_k, D_{k+1} * P_{k+1})`` split into P_{k+1} rows (Identity for the last stage)."""
+    stage_models = nn.ModuleList([])
+    to_next_stage_proj = nn.ModuleList([])
+    for block, model_dim, num_layers, next_model_dim, next_seq_len in zip(
+        blocks,
+        model_dims,
+        num_stage_layers,
+        (*model_dims[1:], None),
+        (*seq_lens[1:], None),
+        strict=False,
+    ):
+        stage_models.append(block.to_model(model_dim=model_dim, num_layers=num_layers))
+        proj: nn.Module = nn.Identity()
+        if next_model_dim and next_seq_len:
+            proj = nn.Sequential(
+                Rearrange("b ... d -> b (...) d"),
+                nn.Linear(model_dim, next_model_dim * next_seq_len),
+                Rearrange("b m (n d) -> (b m) n d", n=next_seq_len),
+            )
+        to_next_stage_proj.append(proj)
+    return stage_models, to_next_stage_proj
+
+
+def _checkpoint_chunks(cfg: MBLMModelConfig, num_stages: int) -> list[int | None]:
+    chunks = cfg.train_checkpoint_chunks
+    if chunks:
+        if len(chunks) != num_stages - 1:
+            raise MBLMInputError(
+                f"train_checkpoint_chunks must have one entry per non-global stage "
+                f"({num_stages - 1}), got {len(chunks)}: {chunks}"
+            )
+        return [None, *chunks]
+    return [None] * num_stages
+
+
+def _check_stage_lengths(cfg: MBLMModelConfig) -> None:
+    if not len(cfg.hidden_dims) == len(cfg.num_layers) == len(cfg.seq_lens):
+        raise MBLMInputError("hidden_dims, num_layers and seq_lens are not of the same length")
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class _HierarchyMixin(nn.Module):
+    """Input checks and per-stage embedding shared by MBLM and MBLMEncoder."""
+
+    num_stages: int
+    seq_lens: Sequence[int]
+    pad_token_id: int
+    num_tokens: int
+    pos_embs: nn.ModuleList
+    token_embs_rev: nn.ModuleList
+    _warned_single_tensor_embeds: bool
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        dtype = input_ids.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise MBLMInputError(
+                f"input_ids must be an integer tensor (torch.long) of byte/token ids, got dtype {dtype}"
+            )
+        if input_ids.ndim not in {2, self.num_stages + 1}:
+            raise MBLMInputError(
+                f"input_ids must have 2 dims (B, L) or {self.num_stages + 1} dims (B, P0', "
+                f"{', '.join(f'P{k}' for k in range(1, self.num_stages))}) for this "
+                f"{self.num_stages}-stage model, got shape {tuple(input_ids.shape)}"
+            )
+        if input_ids.ndim > 2 and tuple(input_ids.shape[2:]) != tuple(self.seq_lens[1:]):
+            raise MBLMInputError(
+                f"nested input_ids must have the inner patch sizes seq_lens[1:] = "
+                f"{tuple(self.seq_lens[1:])}, got shape {tuple(input_ids.shape)}"
+            )
+        if input_ids.numel() and not _is_compiling():
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+            if lo < 0 or hi >= self.num_tokens:
+                raise MBLMInputError(
+                    f"input_ids must lie in [0, num_tokens) = [0, {self.num_tokens}), got values "
+                    f"in [{lo}, {hi}]"
+                )
+
+    def _check_global_length(self, num_patches: int) -> None:
+        if isinstance(self.pos_embs[0], nn.Embedding) and num_patches > self.seq_lens[0]:
+            raise MBLMInputError(
+                "Because you are using a fixed global patch embedding, "
+                f"the input sequence length ({num_patches}) "
+                f"must be less than the first tuple element of seq_lens ({self.seq_lens[0]})"
+            )
+
+    def _nest(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, P0', P_1, ..., P_{n-1}), right-padded with ``pad_token_id``."""
+        return patch_pad(input_ids, list(self.seq_lens[1:]), self.pad_token_id)
+
+    def _check_embeds(
+        self, inputs_embeds: torch.Tensor | Sequence[torch.Tensor], final_hidden_dim: int
+    ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+        """Validates ``inputs_embeds``; returns (per-stage list local first, None) or
+        (None, single nested tensor)."""
+        if isinstance(inputs_embeds, (list, tuple)):
+            if len(inputs_embeds) != self.num_stages:
+                raise MBLMInputError(
+                    f"`inputs_embeds` sequence must have {self.num_stages} tensors (one per stage), "
+                    f"got {len(inputs_embeds)}"
+                )
+            device = inputs_embeds[0].device
+            for k, embeds in enumerate(inputs_embeds):
+                if not isinstance(embeds, torch.Tensor):
+                    raise MBLMInputError(f"`inputs_embeds[{k}]` must be a torch.Tensor")
+                if embeds.device != device:
+                    raise MBLMInputError(
+                        "All tensors in `inputs_embeds` must be on the same device"
+                    )
+            return list(inputs_embeds), None
+        single = inputs_embeds
+        if not self._warned_single_tensor_embeds and self.num_stages > 1:
+            warnings.warn(
+                "Passing a single tensor to `inputs_embeds` bypasses per-stage embedding tables "
+                "and cannot fully reproduce the results of passing `input_ids`. "
+                "For exact consistency, pass a sequence of tensors (one per stage) instead.",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._warned_single_tensor_embeds = True
+        if single.ndim != self.num_stages + 2:
+            raise MBLMInputError(
+                f"`inputs_embeds` must be nested with {self.num_stages} hierarchy dims "
+                f"(B + P1'..Pn + D), got shape {tuple(single.shape)}"
+            )
+        if single.shape[-1] != final_hidden_dim:
+            raise MBLMInputError(
+                f"Last dim of `inputs_embeds` must equal final hidden dim ({final_hidden_dim}), "
+                f"got {single.shape[-1]}"
+            )
+        for k, expected in enumerate(self.seq_lens[1:], start=2):
+            if single.shape[k] != expected:
+                raise MBLMInputError(
+                    f"`inputs_embeds` inner dim at stage {k - 1} must be {expected}, got "
+                    f"{single.shape[k]}"
+                )
+        if isinstance(self.pos_embs[0], nn.Embedding) and single.shape[1] > self.seq_lens[0]:
+            raise MBLMInputError(
+                f"With fixed global positional embedding, P1'={single.shape[1]} must "
+                f"be <= P1={self.seq_lens[0]}"
+            )
+        return None, single
+
+    def _embed_stages(
+        self,
+        ids: torch.Tensor | None,
+        embeds_list: list[torch.Tensor] | None,
+        embeds_single: torch.Tensor | None,
+    ) -> list[torch.Tensor]:
+        """Byte embeddings of every stage (global first): stage k gets (B, P0', P_1, ..., P_k,
+        D_k); RoPE stages are rotated here, learned ("fixed") positions are added later."""
+        n = self.num_stages
+        embs: list[torch.Tensor] = [torch.empty(0)] * n
+        for k in range(n - 1, -1, -1):
+            if embeds_list is not None:
+                emb = embeds_list[n - 1 - k]
+            elif ids is not None:
+                # stage k sees every patch of S_k = P_{k+1} * ... * P_{n-1} bytes as one token
+                patch = math.prod(self.seq_lens[k + 1 :])
+                stage_ids = ids if k == n - 1 else ids.reshape(*ids.shape[: k + 2], patch)
+                emb = self.token_embs_rev[n - 1 - k](stage_ids)
+            else:
+                assert embeds_single is not None
+                stage_embeds = embeds_single
+                if k < n - 1:
+                    # (B, P0', P_1, ..., P_k, S_k, D_local): one row per byte of each patch
+                    lead = embeds_single.shape[: k + 2]
+                    stage_embeds = embeds_single.reshape(*lead, -1, embeds_single.shape[-1])
+                emb = self.token_embs_rev[n - 1 - k](None, stage_embeds)
+            pos_emb = self.pos_embs[k]
+            if isinstance(pos_emb, RoPE):
+                # RoPE takes [b, s, heads, head_dim]: one "head" of the full width
+                s, d = emb.shape[-2], emb.shape[-1]
+                emb = pos_emb(emb.reshape(-1, s, 1, d)).view(emb.shape)
+            embs[k] = emb
+        return embs
+
+    def _fixed_positions(self, k: int, length: int) -> torch.Tensor | None:
+        """The learned positional embeddings of positions 0..length-1 of stage k, if any."""
+        pos_emb = self.pos_embs[k]
+        return pos_emb.weight[:length] if isinstance(pos_emb, nn.Embedding) else None
+
+
+def _masked_mean_loss(ce: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the non-zero entries of ``ce * loss_mask`` (the original's loss reduction).
+
+    Pad targets, mask-0 positions and exactly-zero CE values leave the denominator. When
+    nothing is left (NaN): logs and returns a fresh zero leaf (eager, as the original); under
+    torch.compile a zero connected to the graph (no data-dependent branch, no log).
+    """
+    if loss_mask is not None:
+        ce = ce.mul_(loss_mask)
+    count = (ce != 0).sum()
+    if _is_compiling():
+        loss = ce.sum() / count.clamp(min=1)
+        return torch.where(torch.isnan(loss), torch.zeros_like(loss), loss)
+    loss = ce.sum() / count
+    if torch.isnan(loss):
+        logging.fatal("Edge case detected, loss is nan")
+        loss = torch.zeros_like(loss, requires_grad=True)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# MBLM
+# ---------------------------------------------------------------------------------------------
+
+
+class MBLM(_HierarchyMixin):
+    """Multiscale Byte Language Model: a hierarchical causal byte-level model.
+
+    Stage k runs over sequences of P_k patch embeddings (P0' <= P_0 for the global stage) plus a
+    learned start token; the outputs of stage k, projected, are added to the inputs of stage k+1
+    (shifted by one patch), and the local stage predicts the next byte. Based on
+    MEGABYTE-pytorch's design; any ``StageBlock`` can implement a stage.
+    """
+
+    def __init__(self, cfg: MBLMModelConfig):
+        super().__init__()
+        _check_stage_lengths(cfg)
+        self.num_stages = len(cfg.hidden_dims)
+        self.seq_lens = cfg.seq_lens
+        self.pad_token_id = cfg.pad_token_id
+        self.num_tokens = cfg.num_tokens
+        self.checkpoint_chunks: list[int | None] = _checkpoint_chunks(cfg, self.num_stages)
+
+        # creation order = the original's (seeded initial weights depend on it)
+        self.start_tokens = nn.ParameterList(
+            [nn.Parameter(torch.randn(model_dim)) for model_dim in cfg.hidden_dims]
+        )
+        stage_blocks = cfg.stage_blocks()
+        self.pos_embs = self._init_positional_embeddings(
+            cfg.hidden_dims, cfg.seq_lens, stage_blocks
+        )
+        self.token_embs_rev = MultiStageTokenEmbedding.build(
+            model_dims=cfg.hidden_dims,
+            seq_lens=cfg.seq_lens,
+            vocab_size=cfg.num_tokens,
+            pad_token_id=cfg.pad_token_id,
+        )
+        self.stage_models, self.to_next_stage_proj = self._init_models_at_stages(
+            cfg.hidden_dims, cfg.seq_lens, cfg.num_layers, stage_blocks
+        )
+        self.to_logits = nn.Linear(cfg.hidden_dims[-1], cfg.num_tokens)
+        self._warned_single_tensor_embeds: bool = False
+
+    @classmethod
+    def _init_positional_embeddings(
+        cls,
+        model_dims: Iterable[int],
+        seq_lens: Iterable[int],
+        blocks: Iterable[StageBlock],
+    ) -> nn.ModuleList:
+        """Creates the positional embedding of each stage."""
+        return _positional_embeddings(model_dims, seq_lens, blocks)
+
+    @classmethod
+    def _init_models_at_stages(
+        cls,
+        model_dims: Sequence[int],
+        seq_lens: Sequence[int],
+        num_stage_layers: Iterable[int],
+        blocks: Iterable[StageBlock],
+    ) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """Creates the stage models and the next-stage projections."""
+        return _stage_models(model_dims, seq_lens, num_stage_layers, blocks)
+
+    def forward_empty(self, batch_size: int) -> torch.Tensor:
+        """Logits (B, 1, V) for an empty input (the start tokens only), as the original computes
+        them: each stage sees its start token plus the first row of the previous projection."""
+        prev: torch.Tensor | None = None
+        tokens = torch.empty(0)
+        for start, stage_model, proj in zip(
+            self.start_tokens, self.stage_models, self.to_next_stage_proj, strict=False
+        ):
+            tokens = start.repeat(batch_size, 1, 1)
+            if prev is not None:
+                tokens = tokens + prev[..., : tokens.shape[-2], :]
+            tokens = stage_model(tokens)
+            prev = proj(tokens)
+        return self.to_logits(tokens)
+
+    @overload
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        return_type: Literal[MBLMReturnType.LOSS_LOGITS] = ...,
+        loss_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @overload
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        return_type: Literal[
+            MBLMReturnType.LOSS, MBLMReturnType.LOGITS, MBLMReturnType.HIDDEN_STATE
+        ] = ...,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        return_type: MBLMReturnType = MBLMReturnType.LOSS,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass.
+
+        Args:
+            input_ids: integer ids (B, L), or nested (B, P0', P_1, ..., P_{n-1}). A flat input
+                is right-padded with ``pad_token_id`` to whole patches.
+            inputs_embeds: instead of ids (HIDDEN_STATE only): one tensor per stage, local
+                first (reproduces the ids path exactly), or a single nested tensor (B, P0', P_1,
+                ..., P_{n-1}, D_local) fed to every stage's projection.
+            return_type: LOSS (default, 0-d), LOGITS (B, L, V), LOSS_LOGITS (loss, logits) or
+                HIDDEN_STATE (the local stage's output before ``to_logits``).
+            loss_mask: weights (B, L) multiplied into the per-byte cross entropy, e.g. 0 for a
+                prompt and 1 for the answer; None weighs every byte 1. The loss is the mean of
+                the non-zero weighted entries.
+
+        Output position t of LOGITS is the distribution of byte t+1 given bytes 0..t. A flat
+        HIDDEN_STATE has L-1 rows (position 0 dropped, as the original returns it).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+
+        embeds_list: list[torch.Tensor] | None = None
+        embeds_single: torch.Tensor | None = None
+        ids: torch.Tensor | None = None
+        flattened = False
+        flat_seq_len = 0
+        if input_ids is not None:
+            self._check_input_ids(input_ids)
+            batch_size = input_ids.shape[0]
+            if input_ids.numel() == 0:
+                return self.forward_empty(batch_size)
+            if loss_mask is not None and loss_mask.shape != input_ids.shape:
+                raise MBLMInputError(
+                    f"loss_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                    f"{tuple(loss_mask.shape)}"
+                )
+            flattened = input_ids.ndim == 2
+            flat_seq_len = input_ids.shape[-1]
+            if not flattened and loss_mask is not None:
+                raise MBLMInputError(
+                    "loss_mask is only supported with flat input_ids (B, L); got nested "
+                    f"input_ids of shape {tuple(input_ids.shape)}"
+                )
+            ids = self._nest(input_ids) if flattened else input_ids
+            self._check_global_length(ids.shape[1])
+        else:
+            if return_type != MBLMReturnType.HIDDEN_STATE:
+                raise ValueError(
+                    f"Forward pass with return type {return_type} has not been tested and is not "
+                    "supported when providing `inputs_embeds`."
+                )
+            assert inputs_embeds is not None
+            embeds_list, embeds_single = self._check_embeds(
+                inputs_embeds, self.start_tokens[-1].numel()
+            )
+
+        embs = self._embed_stages(ids, embeds_list, embeds_single)
+        y = self._run_stages(embs)
+        local_shape = (*embs[-1].shape[:-2], y.shape[-2], y.shape[-1])
+
+        if return_type == MBLMReturnType.HIDDEN_STATE:
+            if flattened:
+                rows = patch_unpatch(self._as_patches(y, local_shape), flat_seq_len, False)
+                return rows[:, 1:]
+            return y.view(local_shape)[..., 1:, :]
+
+        assert ids is not None
+        nested_logits: torch.Tensor | None = None
+        if not flattened and return_type != MBLMReturnType.LOSS:
+            nested_logits = self.to_logits(y.view(local_shape))
+        if return_type == MBLMReturnType.LOGITS:
+            if flattened:
+                rows = patch_unpatch(self._as_patches(y, local_shape), flat_seq_len, False)
+                return self.to_logits(rows)
+            return nested_logits
+
+        # preds[:, t] predicts byte t: the first start position's output, then the output after
+        # every byte. Only the positions that are used get projected onto the vocabulary.
+        patches = self._as_patches(y, local_shape)
+        want_logits = return_type != MBLMReturnType.LOSS
+        if flattened and want_logits:
+            all_logits = self.to_logits(patch_unpatch(patches, flat_seq_len + 1, True))
+            preds, logits_out = all_logits[:, :flat_seq_len], all_logits[:, 1:]
+        else:
+            preds = self.to_logits(patch_unpatch(patches, flat_seq_len, True))
+            logits_out = nested_logits
+        targets = ids.reshape(ids.shape[0], -1)[:, :flat_seq_len]
+        loss = self._loss(preds, targets, loss_mask)
+        if return_type == MBLMReturnType.LOSS:
+            return loss
+        assert logits_out is not None
+        return loss, logits_out
+
+    @staticmethod
+    def _as_patches(y: torch.Tensor, local_shape: Sequence[int]) -> torch.Tensor:
+        """Local outputs (N, 1+P, D) as (B, N/B, 1+P, D) for ``patch_unpatch``."""
+        return y.view(local_shape[0], -1, y.shape[-2], y.shape[-1])
+
+    def _run_stages(self, embs: list[torch.Tensor]) -> torch.Tensor:
+        """Runs the stages global to local; returns the local outputs (N_{n-1}, 1 + P, D)."""
+        prev: torch.Tensor | None = None
+        y = torch.empty(0)
+        for k in range(self.num_stages):
+            emb = embs[k]
+            seq_len, dim = emb.shape[-2], emb.shape[-1]
+            # the patches of stage k-1 are the batch of stage k: (N_k, s_k, D_k)
+            x = emb.reshape(-1, seq_len, dim)
+            tokens = _assemble(x, self.start_tokens[k], self._fixed_positions(k, seq_len), prev)
+            y = self._run_stage(k, tokens)
+            if k < self.num_stages - 1:
+                # drop the output after the last patch: output i feeds patch i + 1
+                prev = self.to_next_stage_proj[k](y[:, :-1])
+        return y
+
+    def _run_stage(self, k: int, tokens: torch.Tensor) -> torch.Tensor:
+        model = self.stage_models[k]
+        chunks = self.checkpoint_chunks[k]
+        if chunks is None:
+            return model(tokens)
+        outs = [
+            checkpoint(model, chunk, use_reentrant=False) if self.training else model(chunk)
+            for chunk in torch.chunk(tokens, chunks, dim=0)
+        ]
+        return torch.cat(outs, dim=0)
+
+    def _loss(
+        self, preds: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        batch, length, vocab = preds.shape
+        ce = F.cross_entropy(
+            preds.reshape(batch * length, vocab),
+            targets.reshape(-1).long(),
+            ignore_index=self.pad_token_id,
+            reduction="none",
+        ).view(batch, length)
+        return _masked_mean_loss(ce, loss_mask)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prime: torch.Tensor | None = None,
+        stream: ByteStreamer | None = None,
+        num_tokens_to_generate: int | None = None,
+        end_of_gen_token_id: int = -1,
+        temperature: float = 1.0,
+        filter_thres: float = 1.0,
+        enable_progress: bool = True,
+    ) -> torch.Tensor:
+        """Generates bytes autoregressively after ``prime``.
+
+        Args:
+            prime: the prompt, a 1-D long tensor (batches are not supported), or None.
+            stream: a ``ByteStreamer`` each new byte is written to as it is generated.
+            num_tokens_to_generate: how many bytes to generate; None (or 0) fills the context,
+                ``prod(seq_lens) - len(prime)`` bytes.
+            end_of_gen_token_id: stop after generating this id (default -1: never).
+            temperature: divides the logits before Gumbel sampling; lower is sharper.
+            filter_thres: keep the top ``max(int((1 - filter_thres) * V), 1)`` logits; the
+                default 1.0 keeps one, i.e. greedy decoding whatever the temperature.
+            enable_progress: show a progress bar (only when not streaming).
+
+        Returns ``squeeze()`` of the prompt followed by the generated bytes (1-D).
+        """
+        if prime is not None:
+            if prime.ndim != 1:
+                raise MBLMInputError("Batch mode not supported")
+            sequence = prime.unsqueeze(0)
+        else:
+            device = next(self.parameters()).device
+            sequence = torch.empty((1, 0), dtype=torch.long, device=device)
+
+        total_iters = num_tokens_to_generate or math.prod(self.seq_lens) - sequence.shape[-1]
+        steps: Iterable[int] = range(total_iters)
+        if stream is None and enable_progress:
+            steps = tqdm(steps, leave=False)
+
+        for _ in steps:
+            logits = self.forward(sequence, return_type=MBLMReturnType.LOGITS)[:, -1]
+            logits = top_k(logits, thres=filter_thres)
+            sampled = gumbel_sample(logits, dim=-1, temperature=temperature)
+            sequence = torch.cat((sequence, sampled[:, None]), dim=-1)
+            newest_token = int(sampled.item())
+            if stream is not None:
+                stream.write(newest_token)
+            if newest_token == end_of_gen_token_id:
+                break
+        if stream is not None:
+            stream.flush()
+        return sequence.squeeze()
+
+
+def _assemble(
+    x: torch.Tensor,
+    start: torch.Tensor,
+    pos: torch.Tensor | None,
+    prev: torch.Tensor | None,
+) -> torch.Tensor:
+    """``stage_input`` after promoting its operands to a common dtype (as the original's
+    additions would, e.g. fp32 embeddings plus bf16 projections under autocast)."""
+    dtype = x.dtype
+    for t in (start, pos, prev):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    x, start = x.to(dtype), start.to(dtype)
+    pos = pos.to(dtype) if pos is not None else None
+    prev = prev.to(dtype) if prev is not None else None
+    return stage_input(x, start, pos, prev)
+
+
+# ---------------------------------------------------------------------------------------------
+# MBLMEncoder
+# ---------------------------------------------------------------------------------------------
+
+
+class MBLMEncoder(_HierarchyMixin):
+    """Multiscale Byte Language Model encoder: a bidirectional hierarchy for masked language
+    modelling (TransformerEncoderBlock stages).
+
+    Unlike MBLM there are no start tokens and no shift: stage k's outputs, projected, are added
+    to stage k+1's inputs of the same patch, and output position t is trained to predict label
+    t. An optional attention mask (False = padding) is reduced to every stage (a patch is
+    attended if ANY / ALL of its bytes are, ``mask_reduce_strat``).
+    """
+
+    def __init__(self, config: MBLMEncoderModelConfig):
+        super().__init__()
+        self.mask_token_id = config.mask_token_id
+        self.reduce_strat = config.mask_reduce_strat
+        self.mblm_config = config.mblm_config
+        cfg = self.mblm_config
+        _check_stage_lengths(cfg)
+        self.num_stages = len(cfg.hidden_dims)
+        self.seq_lens = cfg.seq_lens
+        self.pad_token_id = cfg.pad_token_id
+        self.num_tokens = cfg.num_tokens
+        self.checkpoint_chunks: list[int | None] = _checkpoint_chunks(cfg, self.num_stages)
+        self.final_hidden_dim = cfg.hidden_dims[-1]
+
+        stage_blocks = cfg.stage_blocks()
+        self.pos_embs = self._init_positional_embeddings(
+            cfg.hidden_dims, cfg.seq_lens, stage_blocks
+        )
+        self.token_embs_rev = MultiStageTokenEmbedding.build(
+            model_dims=cfg.hidden_dims,
+            seq_lens=cfg.seq_lens,
+            vocab_size=cfg.num_tokens,
+            pad_token_id=cfg.pad_token_id,
+        )
+        self.stage_models, self.to_next_stage_proj = self._init_models_at_stages(
+            cfg.hidden_dims, cfg.seq_lens, cfg.num_layers, stage_blocks
+        )
+        self.to_logits = nn.Linear(cfg.hidden_dims[-1], cfg.num_tokens)
+        self._warned_single_tensor_embeds: bool = False
+
+    @classmethod
+    def _init_positional_embeddings(
+        cls,
+        model_dims: Iterable[int],
+        seq_lens: Iterable[int],
+        blocks: Iterable[StageBlock],
+    ) -> nn.ModuleList:
+        """Creates the positional embedding of each stage."""
+        return _positional_embeddings(model_dims, seq_lens, blocks)
+
+    @classmethod
+    def _init_models_at_stages(
+        cls,
+        model_dims: Sequence[int],
+        seq_lens: Sequence[int],
+        num_stage_layers: Iterable[int],
+        blocks: Iterable[StageBlock],
+    ) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """Creates the stage models and the next-stage projections."""
+        return _stage_models(model_dims, seq_lens, num_stage_layers, blocks)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        return_type: MBLMReturnType = MBLMReturnType.HIDDEN_STATE,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass.
+
+        Args:
+            input_ids: integer ids (B, L) (masked input), or nested (B, P0', P_1, ..., P_{n-1}).
+            inputs_embeds: instead of ids (HIDDEN_STATE only), as in ``MBLM.forward``.
+            attention_mask: bool (shape of input_ids), False for positions (padding) that
+                no position may attend to and that are left out of the loss.
+            labels: target ids, shape of input_ids (needed for the loss types).
+            loss_mask: weights multiplied into the per-position cross entropy.
+            return_type: HIDDEN_STATE (default), LOGITS, LOSS or LOSS_LOGITS.
+
+        The loss is the mean of the non-zero weighted cross entropies; positions whose
+        ``attention_mask`` is False are ignored. ``labels`` is not modified.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        wants_loss = return_type in (MBLMReturnType.LOSS, MBLMReturnType.LOSS_LOGITS)
+        if labels is None and wants_loss:
+            raise ValueError("You can't compute a loss without the labels")
+
+        embeds_list: list[torch.Tensor] | None = None
+        embeds_single: torch.Tensor | None = None
+        ids: torch.Tensor | None = None
+        mask: torch.Tensor | None = None
+        flattened = False
+        flat_seq_len = 0
+        if input_ids is not None:
+            self._check_input_ids(input_ids)
+            if input_ids.numel() == 0:
+                raise ValueError("input_ids must have at least one element.")
+            for name, t in (("loss_mask", loss_mask), ("attention_mask", attention_mask)):
+                if t is not None and t.shape != input_ids.shape:
+                    raise MBLMInputError(
+                        f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                        f"{tuple(t.shape)}"
+                    )
+            flattened = input_ids.ndim == 2
+            if not flattened and loss_mask is not None:
+                raise MBLMInputError(
+                    "loss_mask is only supported with flat input_ids (B, L); got nested "
+                    f"input_ids of shape {tuple(input_ids.shape)}"
+                )
+            flat_seq_len = input_ids.shape[-1]
+            if flattened:
+                ids = self._nest(input_ids)
+                padded = ids.numel() != input_ids.numel()
+                if attention_mask is not None or padded:
+                    # the padding must not be attended to; without padding and without a mask
+                    # every position is attended, which is the unmasked computation
+                    mask = self._nest_mask(attention_mask, input_ids)
+            else:
+                ids, mask = input_ids, attention_mask
+            self._check_global_length(ids.shape[1])
+        else:
+            if return_type != MBLMReturnType.HIDDEN_STATE:
+                raise ValueError(
+                    f"Forward pass with return type {return_type} has not been tested and is not "
+                    "supported when providing `inputs_embeds`."
+                )
+            assert inputs_embeds is not None
+            embeds_list, embeds_single = self._check_embeds(inputs_embeds, self.final_hidden_dim)
+
+        embs = self._embed_stages(ids, embeds_list, embeds_single)
+        prev: torch.Tensor | None = None
+        attended = torch.empty(0)
+        for k in range(self.num_stages):
+            emb = embs[k]
+            seq_len = emb.shape[-2]
+            pos = self._fixed_positions(k, seq_len)
+            if pos is not None:
+                emb = emb + pos
+            tokens = emb.reshape(-1, seq_len, emb.shape[-1])
+            if prev is not None:
+                tokens = tokens + prev
+            stage_mask = self.compute_mask_at_stage(mask, k, self.reduce_strat)
+            attended = self.stage_models[k](tokens, stage_mask)
+            prev = self.to_next_stage_proj[k](attended)
+        nested = attended.view(*embs[-1].shape[:-1], attended.shape[-1])
+
+        if return_type == MBLMReturnType.HIDDEN_STATE:
+            if flattened:
+                return nested.reshape(nested.shape[0], -1, nested.shape[-1])[:, :flat_seq_len]
+            return nested
+
+        logits = self.to_logits(nested)
+        flat_logits = logits.reshape(logits.shape[0], -1, logits.shape[-1])[:, :flat_seq_len]
+        if return_type == MBLMReturnType.LOGITS:
+            return flat_logits if flattened else logits
+
+        assert labels is not None
+        targets = labels.reshape(labels.shape[0], -1)[:, :flat_seq_len].to(flat_logits.device)
+        if mask is not None:
+            keep = mask.reshape(mask.shape[0], -1)[:, :flat_seq_len]
+            targets = targets.masked_fill(~keep, -100)
+        batch, length, vocab = flat_logits.shape
+        ce = F.cross_entropy(
+            flat_logits.reshape(batch * length, vocab),
+            targets.reshape(-1).long(),
+            ignore_index=-100,
+            reduction="none",
+        ).view(batch, length)
+        loss = _masked_mean_loss(ce, loss_mask)
+        if return_type == MBLMReturnType.LOSS:
+            return loss
+        return loss, (flat_logits if flattened else logits)
+
+    def _nest_mask(
+        self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L) bool mask (None = all True) -> nested like the ids, padding False."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        inner = list(self.seq_lens[1:])
+        padding = -input_ids.shape[-1] % math.prod(inner)
+        mask = F.pad(attention_mask.bool(), (0, padding), value=False)
+        return mask.reshape(input_ids.shape[0], -1, *inner)
+
+    @staticmethod
+    def pad_and_nest(
+        input_ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        seq_length_config: Sequence[int],
+        batch_size: int,
+        flat_seq_len: int,
+        pad_token_id: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pads (B, L) ids with ``pad_token_id`` and a (B, L) mask (None = all True) with False
+        to whole patches and nests both to (B, P0', P_1, ..., P_{n-1})."""
+        if input_ids.ndim != 2:
+            raise MBLMInputError(f"input_ids must have 2 dims (B, L), got {tuple(input_ids.shape)}")
+        if mask is None:
+            mask = torch.ones_like(input_ids).to(torch.bool)
+        if mask.ndim != 2:
+            raise MBLMInputError(f"mask must have 2 dims (B, L), got {tuple(mask.shape)}")
+        inner = list(seq_length_config[1:])
+        padding = -flat_seq_len % math.prod(inner)
+        ids = F.pad(input_ids, (0, padding), value=pad_token_id)
+        mask = F.pad(mask, (0, padding), value=0)
+        return ids.reshape(batch_size, -1, *inner), mask.reshape(batch_size, -1, *inner)
+
+    @staticmethod
+    def compute_mask_at_stage(
+        nested_mask: torch.Tensor | None,
+        stage_idx: int = 0,
+        reduce_strat: MaskReduceStrat = MaskReduceStrat.ANY,
+    ) -> torch.Tensor | None:
+        """The key mask of stage ``stage_idx`` (N_k, P_k) from a nested (B, P0', ..., P_{n-1})
+        mask: a patch is attended if ANY (or ALL) of its bytes are."""
+        if nested_mask is None:
+            return None
+        if stage_idx > nested_mask.ndim:
+            raise NotImplementedError(
+                "There is a mismatch between the number of stage and the nested attention_mask. "
+                "you should have nested attention_mask with shape Bx P1...Pn, with n the number "
+                "of stages"
+            )
+        reduce_dims = tuple(range(stage_idx + 2, nested_mask.ndim))
+        stage_mask = nested_mask
+        if reduce_dims:
+            if reduce_strat == MaskReduceStrat.ANY:
+                stage_mask = torch.any(nested_mask, dim=reduce_dims)
+            elif reduce_strat == MaskReduceStrat.ALL:
+                stage_mask = torch.all(nested_mask, dim=reduce_dims)
+            else:
+                raise NotImplementedError("This reduction does not exist yet")
+        return stage_mask.reshape(-1, stage_mask.shape[-1])

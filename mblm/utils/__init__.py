@@ -1,0 +1,1 @@
+"""Utilities: seeding, byte streaming, retries, top-n bookkeeping."""
