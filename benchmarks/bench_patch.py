@@ -15,10 +15,13 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the checkout, unless installed
 import mblm.ops  # noqa: F401
 from mblm.ops import patch as P
 from mblm.ops import reference as R

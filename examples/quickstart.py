@@ -53,7 +53,9 @@ def main() -> None:
         config["block"][1]["attn_num_heads"] = 2
     model = MBLM(MBLMModelConfig.model_validate(config)).eval()
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {num_params / 1e6:.1f}M parameters, stages {[type(m).__name__ for m in model.stage_models]}")
+    print(
+        f"model: {num_params / 1e6:.1f}M parameters, stages {[type(m).__name__ for m in model.stage_models]}"
+    )
 
     text = b"The quick brown fox jumps over the lazy dog. "
     x = torch.tensor(list(text), dtype=torch.long)[None]

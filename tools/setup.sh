@@ -26,4 +26,5 @@ if command -v ccache >/dev/null; then
   CMAKE_ARGS+=(-Ccmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache -Ccmake.define.CMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 fi
 $PY -m pip install -q --no-build-isolation "${CMAKE_ARGS[@]}" .
-$PY -m mblm.info
+# from outside the checkout, so that the installed package (not the source tree) is imported
+(cd / && "$OLDPWD/$PY" -m mblm.info)

@@ -7,7 +7,7 @@ autograd formulas. ``mblm.ops.reference`` holds the plain-PyTorch meaning of eve
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (torch must be loaded before the extension)
 
 from mblm.ops._loader import build_info, load_extension
 

@@ -25,7 +25,9 @@ def load_extension() -> Any:
     try:
         module = importlib.import_module("mblm._C")
     except ImportError as err:
-        raise ImportError(f"mblm-cpp: the compiled extension mblm._C failed to load ({err}). {_REBUILD_HINT}") from err
+        raise ImportError(
+            f"mblm-cpp: the compiled extension mblm._C failed to load ({err}). {_REBUILD_HINT}"
+        ) from err
     info = module.build_info()
     if _torch_release(info["torch"]) != _torch_release(torch.__version__):
         raise ImportError(
