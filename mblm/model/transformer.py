@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+import torch.utils.checkpoint
 from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.attention import SDPBackend
@@ -106,8 +107,46 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
 
+def _token_shift_adjoint(grad: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``token_shift``: the shifted half flows back one position up."""
+    keep = (grad.shape[-1] + 1) // 2
+    shifted = F.pad(grad[..., 1:, keep:], (0, 0, 0, 1))
+    return torch.cat((grad[..., :keep], shifted), dim=-1)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``rmsnorm(token_shift(x) if shift else x)`` that saves only ``x`` (alive anyway as the
+    residual) and the per-row clamped RMS: no shifted copy and no normalised copy are kept for
+    backward. Forward arithmetic is exactly ``RMSNorm``'s."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, g: torch.Tensor, scale: float, eps: float, shift: bool):
+        u = token_shift(x) if shift else x
+        rms = torch.norm(u, dim=-1, keepdim=True) * scale
+        clamped = rms.clamp(min=eps)
+        ctx.save_for_backward(x, g, clamped, rms < eps)
+        ctx.scale, ctx.shift = scale, shift
+        return u / clamped * g
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):
+        x, g, clamped, below_eps = ctx.saved_tensors
+        u = token_shift(x) if ctx.shift else x
+        normed = u / clamped
+        grad_g = (grad_y * normed).sum_to_size(g.shape) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            a = grad_y * g
+            # d(u / (scale * |u|)): project out the radial component; a clamped RMS is constant.
+            radial = normed * (a * normed).sum(-1, keepdim=True) * ctx.scale**2
+            grad_u = torch.where(below_eps, a, a - radial) / clamped
+            grad_x = _token_shift_adjoint(grad_u) if ctx.shift else grad_u
+        return grad_x, grad_g, None, None, None
+
+
 class RMSNorm(nn.Module):
-    """MEGABYTE's RMSNorm: ``x / max(||x||_2 / sqrt(dim), eps) * g`` (eps clamps the RMS)."""
+    """MEGABYTE's RMSNorm: ``x / max(||x||_2 / sqrt(dim), eps) * g`` (eps clamps the RMS).
+    ``shift=True`` normalises ``token_shift(x)`` instead, fused so that backward keeps no copy."""
 
     def __init__(self, dim: int, eps: float = 1e-8) -> None:
         super().__init__()
@@ -115,14 +154,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.g = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = torch.norm(x, dim=-1, keepdim=True) * self.scale
-        return x / norm.clamp(min=self.eps) * self.g
+    def forward(self, x: torch.Tensor, shift: bool = False) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.g.requires_grad):
+            return _RMSNormFunction.apply(x, self.g, self.scale, self.eps, shift)
+        u = token_shift(x) if shift else x
+        norm = torch.norm(u, dim=-1, keepdim=True) * self.scale
+        return u / norm.clamp(min=self.eps) * self.g
+
+
+class _FeedForward(nn.Sequential):
+    """``Sequential(RMSNorm, Linear, GELU, Dropout, Linear)`` (MEGABYTE's indices and keys) whose
+    forward takes the token-shift flag and, when training without dropout, recomputes the GELU in
+    backward instead of keeping its output."""
+
+    def forward(self, x: torch.Tensor, shift: bool = False) -> torch.Tensor:  # type: ignore[override]
+        norm, up, act, drop, down = self
+        h = up(norm(x, shift=shift))
+        if torch.is_grad_enabled() and h.requires_grad and (drop.p == 0 or not self.training):
+            return torch.utils.checkpoint.checkpoint(
+                lambda t: down(drop(act(t))), h, use_reentrant=False
+            )
+        return down(drop(act(h)))
 
 
 def FeedForward(*, dim: int, mult: int = 4, dropout: float = 0.0) -> nn.Sequential:  # noqa: N802
     """Pre-norm GELU MLP: ``RMSNorm, Linear(dim, dim*mult), GELU, Dropout, Linear(dim*mult, dim)``."""
-    return nn.Sequential(
+    return _FeedForward(
         RMSNorm(dim),
         nn.Linear(dim, dim * mult),
         nn.GELU(),
@@ -269,10 +326,13 @@ class Attention(nn.Module):
         k, v = self.to_kv(x).chunk(2, dim=-1)
         return q, k.unflatten(-1, (h, -1)), v.unflatten(-1, (h, -1))
 
-    def forward(self, x: torch.Tensor, rotary_emb: RotaryArg = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotary_emb: RotaryArg = None, shift: bool = False
+    ) -> torch.Tensor:
         """x: (N, S, D); rotary_emb: angles (S, Dh) as ``RotaryEmbedding`` returns them, or
-        precomputed (cos, sin) tables. Returns (N, S, D)."""
-        x = self.norm(x)
+        precomputed (cos, sin) tables; shift: attend over ``token_shift(x)`` (fused into the
+        norm). Returns (N, S, D)."""
+        x = self.norm(x, shift=shift)
         q, k, v = self._qkv(x)
         out = self.attend.attend_heads_last(q, k, v, _rotary_tables(rotary_emb, q.dtype))
         return self.to_out(out.flatten(-2))
@@ -370,8 +430,8 @@ class TransformerDecoder(_TransformerStack):
         x = input_ids
         rotary = self._rotary(x)
         for attn, ff in self._layers():
-            x = attn(token_shift(x), rotary_emb=rotary) + x
-            x = ff(token_shift(x)) + x
+            x = attn(x, rotary_emb=rotary, shift=True) + x
+            x = ff(x, shift=True) + x
         return self.norm(x)
 
 
