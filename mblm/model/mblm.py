@@ -820,18 +820,17 @@ class MBLMEncoder(_HierarchyMixin):
         if nested_mask is None:
             return None
         if stage_idx > nested_mask.ndim:
-            raise NotImplementedError(
-                "There is a mismatch between the number of stage and the nested attention_mask. "
-                "you should have nested attention_mask with shape Bx P1...Pn, with n the number "
-                "of stages"
+            raise ValueError(
+                f"attention_mask: stage {stage_idx} needs a nested mask of shape (B, P1, ..., Pn) "
+                f"with one axis per stage, got shape {tuple(nested_mask.shape)}"
             )
         reduce_dims = tuple(range(stage_idx + 2, nested_mask.ndim))
         stage_mask = nested_mask
         if reduce_dims:
-            if reduce_strat == MaskReduceStrat.ANY:
-                stage_mask = torch.any(nested_mask, dim=reduce_dims)
-            elif reduce_strat == MaskReduceStrat.ALL:
-                stage_mask = torch.all(nested_mask, dim=reduce_dims)
-            else:
-                raise NotImplementedError("This reduction does not exist yet")
+            reduce = {MaskReduceStrat.ANY: torch.any, MaskReduceStrat.ALL: torch.all}.get(
+                MaskReduceStrat(reduce_strat)
+            )
+            if reduce is None:  # an enum member added without a reduction
+                raise ValueError(f"mask_reduce_strat: no reduction for {reduce_strat!r}")
+            stage_mask = reduce(nested_mask, dim=reduce_dims)
         return stage_mask.reshape(-1, stage_mask.shape[-1])
