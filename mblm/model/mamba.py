@@ -15,6 +15,7 @@ variant its checkpoint holds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -61,6 +62,13 @@ class MambaBlock(StageBlock):
         return self
 
     def to_model(self, model_dim: int, num_layers: int):
+        model = self._build(model_dim, num_layers)
+        # A checkpoint of the other layout fails on load with a message naming the fix (strict
+        # loading alone would only list missing/unexpected keys).
+        model._register_load_state_dict_pre_hook(_LayoutCheck(self.block_type))
+        return model
+
+    def _build(self, model_dim: int, num_layers: int):
         if self.block_type == "mamba1":
             return Mamba1(
                 Mamba1Config(
@@ -138,6 +146,17 @@ def check_mamba_variant(
         f"but the config's MambaBlock has block_type={block_type!r}. Set block_type: {found} "
         "for this stage in the config to load this checkpoint."
     )
+
+
+class _LayoutCheck:
+    """load_state_dict pre-hook of a Mamba stage: refuses a state_dict of the other layout."""
+
+    def __init__(self, block_type: str) -> None:
+        self.block_type = block_type
+
+    def __call__(self, state_dict: Mapping[str, Any], prefix: str, *_: object) -> None:
+        match = re.search(r"stage_models\.(\d+)\.$", prefix)
+        check_mamba_variant(state_dict, prefix, self.block_type, int(match[1]) if match else None)
 
 
 def check_mamba_stages(

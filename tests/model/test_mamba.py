@@ -500,6 +500,17 @@ def test_check_mamba_stages():
         check_mamba_stages([b2, b2], sd, prefix="mblm.")
 
 
+def test_mamba2_checkpoint_into_mamba1_stage_is_refused_on_load():
+    from mblm.model.mamba import MambaBlock
+
+    kw = dict(d_state=2, d_conv=4, expand=2, headdim=4)
+    m2 = MambaBlock(**kw).to_model(8, 1)
+    m1 = MambaBlock(**kw, block_type="mamba1").to_model(8, 1)
+    with pytest.raises(ValueError, match="mamba_ssm Mamba2 layout.*block_type: mamba2"):
+        m1.load_state_dict(m2.state_dict())
+    m2.load_state_dict(MambaBlock(**kw).to_model(8, 1).state_dict())  # same layout loads
+
+
 def test_mamba_block_config():
     from pydantic import ValidationError
 
