@@ -1,4 +1,8 @@
-"""Train step (forward + backward) of a 3-stage Transformer MBLM: mblm-cpp vs the original mblm.
+"""Train step (forward + backward) of an MBLM: mblm-cpp vs the original mblm.
+
+``--model transformer``: 3-stage Transformer (issue 3); ``--model hybrid``: paper-style hybrid
+with a Mamba1 global stage (the layout the original builds on CPU, via mambapy) and a local
+Transformer stage (issue 4).
 
 The original (PyPI mblm 0.4.2, pure PyTorch) runs in its own venv (made by
 benchmarks/setup_original.sh, or given with --orig-python); both sides run
@@ -29,7 +33,7 @@ from _common import append_rows, base_row, print_table  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 # Issue 3: seq_lens [64, 16, 8], dims [256, 256, 128], 2 layers each (L = 8192).
-CONFIG = {
+TRANSFORMER = {
     "num_tokens": 257,
     "pad_token_id": 256,
     "hidden_dims": [256, 256, 128],
@@ -61,6 +65,36 @@ CONFIG = {
     ],
 }
 
+# Issue 4: Mamba global stage (512 patches) + Transformer local stage (16 bytes), L = 8192.
+HYBRID = {
+    "num_tokens": 257,
+    "pad_token_id": 256,
+    "hidden_dims": [512, 256],
+    "seq_lens": [512, 16],
+    "num_layers": [2, 2],
+    "train_checkpoint_chunks": None,
+    "block": [
+        {
+            "block_type": "mamba1",
+            "d_state": 16,
+            "d_conv": 4,
+            "expand": 2,
+            "headdim": 64,
+            "pos_emb_type": None,
+        },
+        {
+            "block_type": "transformer",
+            "attn_head_dims": 32,
+            "attn_num_heads": 8,
+            "attn_use_rot_embs": True,
+            "pos_emb_type": "fixed",
+        },
+    ],
+}
+
+MODELS = {"transformer": TRANSFORMER, "hybrid": HYBRID}
+CASES = {"transformer": "train_step_3stage_transformer", "hybrid": "train_step_hybrid_mamba1"}
+
 
 def run_worker(python: str, env: dict[str, str], config: Path, args: argparse.Namespace) -> dict:
     cmd = [
@@ -89,6 +123,7 @@ def run_worker(python: str, env: dict[str, str], config: Path, args: argparse.Na
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="transformer")
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per process")
@@ -117,7 +152,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "model.yaml"
-        config.write_text(yaml.safe_dump(CONFIG))
+        config.write_text(yaml.safe_dump(MODELS[args.model]))
         ours, orig = [], []
         for _ in range(args.rounds):
             ours.append(run_worker(sys.executable, ours_env, config, args))
@@ -130,11 +165,12 @@ def main() -> None:
     orig_s = statistics.median(r["median_s"] for r in orig)
     ours_mem = statistics.median(r["peak_mem_mib"] for r in ours)
     orig_mem = statistics.median(r["peak_mem_mib"] for r in orig)
-    shape = f"B={args.batch} L={args.seq_len} seq_lens={CONFIG['seq_lens']} dims={CONFIG['hidden_dims']}"
+    cfg = MODELS[args.model]
+    shape = f"B={args.batch} L={args.seq_len} seq_lens={cfg['seq_lens']} dims={cfg['hidden_dims']}"
     row = {
         **base_row(torch.device(args.device)),
         "threads": args.threads,
-        "case": "train_step_3stage_transformer",
+        "case": CASES[args.model],
         "shape": shape,
         "dtype": args.dtype,
         "mode": "fwd+bwd",
