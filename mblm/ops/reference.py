@@ -153,8 +153,11 @@ def causal_conv1d_ref(
     else:
         prefix = initial_state.to(cdt)
     xx = torch.cat((prefix, xc), dim=2)
-    windows = xx.unfold(2, width, 1)
-    y = (windows * weight.to(cdt)[:, None, :]).sum(-1)
+    if length == 0:
+        y = xc.new_zeros(batch, channels, 0)
+    else:
+        windows = xx.unfold(2, width, 1)
+        y = (windows * weight.to(cdt)[:, None, :]).sum(-1)
     if bias is not None:
         y = y + bias.to(cdt)[:, None]
     if activation:
