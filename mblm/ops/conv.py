@@ -100,7 +100,7 @@ def _check_fake(
     for name, t in (("weight", weight), ("bias", bias), ("initial_state", state)):
         torch._check(
             t is None or t.device == x.device,
-            lambda: f"mblm: {op} {name} is on {t.device} but x is on {x.device}",
+            lambda name=name, t=t: f"mblm: {op} {name} is on {t.device} but x is on {x.device}",
         )
     channels = x.shape[1]
     torch._check(
@@ -113,7 +113,7 @@ def _check_fake(
     for name, t in (("weight", weight), ("bias", bias)):
         torch._check(
             t is None or t.dtype in (x.dtype, torch.float32),
-            lambda: f"mblm: {op} {name} must have x's dtype ({x.dtype}) or float32",
+            lambda name=name: f"mblm: {op} {name} must have x's dtype ({x.dtype}) or float32",
         )
     if bias is not None:
         torch._check(

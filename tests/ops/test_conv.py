@@ -56,7 +56,7 @@ def _case(
 
 
 def _grads(outputs, inputs, upstream):
-    loss = sum((o.double() * u.double()).sum() for o, u in zip(outputs, upstream))
+    loss = sum((o.double() * u.double()).sum() for o, u in zip(outputs, upstream, strict=True))
     req = [t for t in inputs if t is not None]
     got = iter(torch.autograd.grad(loss, req, allow_unused=True))
     return [next(got) if t is not None else None for t in inputs]
@@ -81,7 +81,7 @@ def test_values_and_grads_match_reference(device, dtype, layout):
                 up = (torch.randn_like(y), torch.randn_like(fs))
                 got = _grads((y, fs), leaves, up)
                 want = _grads((yr, fr), ref_leaves, up)
-                for name, g, r, t in zip("xwbs", got, want, leaves):
+                for name, g, r, t in zip("xwbs", got, want, leaves, strict=True):
                     g = torch.zeros_like(t) if g is None else g
                     r = torch.zeros_like(t) if r is None else r
                     tol = GRAD_TOL[dtype] if dtype != torch.float16 else dict(rtol=5e-3, atol=5e-3)
@@ -207,7 +207,7 @@ def test_compile_fullgraph_forward_backward():
     got = torch.autograd.grad(loss, leaves)
     ref = [t.detach().requires_grad_() for t in (x, w, b, s)]
     want = torch.autograd.grad(f(*ref), ref)
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r)
 
 
