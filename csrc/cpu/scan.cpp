@@ -493,7 +493,7 @@ ScanGrads scan_bwd_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, u.scalar_type(), "mblm_scan_bwd_cpu", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          constexpr int kNV = 1;
+          constexpr int kNV = 2;
           // Channel groups per batch row: enough tasks for every thread; each group adds one
           // (L, N) partial of grad_B / grad_C.
           const int64_t nblk = (dim + kNV * Vec<acc_t>::kWidth - 1) / (kNV * Vec<acc_t>::kWidth);

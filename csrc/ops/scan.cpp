@@ -12,6 +12,8 @@
 
 #include <string>
 
+#include "mblm/scan_params.h"
+
 namespace mblm {
 
 namespace {
@@ -193,6 +195,17 @@ void check_scan_update_args(const at::Tensor& state, const at::Tensor& u, const 
   TORCH_CHECK(at::has_internal_overlap(state) != at::MemOverlap::Yes,
               "mblm: scan_update state is updated in place and must not have overlapping memory ",
               "(e.g. an expanded tensor), got strides ", state.strides());
+}
+
+void check_scan_cuda_limits(const at::Tensor& u, int64_t n) {
+  TORCH_CHECK(u.scalar_type() != at::kDouble,
+              "mblm: scan CUDA kernels take float32/float16/bfloat16 u, got float64 (the CPU ",
+              "kernels take float64)");
+  TORCH_CHECK(n <= kScanMaxStateCuda,
+              "mblm: scan CUDA kernels take state sizes N <= ", kScanMaxStateCuda, ", got N = ", n);
+  TORCH_CHECK(u.size(0) < (int64_t{1} << 31) && u.size(1) <= 16 * int64_t{65535},
+              "mblm: scan CUDA kernels take B < 2^31 and D <= ", 16 * 65535, ", got u of shape ",
+              u.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(

@@ -41,8 +41,11 @@ def _fallback_reason(u: Tensor, A: Tensor) -> str | None:
         return f"no kernel for device {u.device}"
     if u.dtype not in KERNEL_DTYPES:
         return f"no kernel for dtype {u.dtype}"
-    if u.device.type == "cuda" and A.dim() == 2 and A.shape[1] > _CUDA_MAX_STATE:
-        return f"the CUDA kernels take state sizes N <= {_CUDA_MAX_STATE}"
+    if u.device.type == "cuda":
+        if u.dtype == torch.float64:
+            return "the CUDA kernels take float32/float16/bfloat16"
+        if A.dim() == 2 and A.shape[1] > _CUDA_MAX_STATE:
+            return f"the CUDA kernels take state sizes N <= {_CUDA_MAX_STATE}"
     return None
 
 

@@ -49,6 +49,10 @@ void check_scan_update_args(const at::Tensor& state, const at::Tensor& u, const 
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                             const std::optional<at::Tensor>& delta_bias);
 
+// What the CUDA kernels take beyond the checks above: float32/float16/bfloat16 u, N <= 64,
+// B < 2^31 and D < 16 * 65536 (grid limits).
+void check_scan_cuda_limits(const at::Tensor& u, int64_t n);
+
 // C++ front functions: call the ops through the dispatcher (any device with a kernel).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
