@@ -39,6 +39,15 @@ namespace {
 using cpu_scan::Vec;
 constexpr int64_t kT = kScanChunk;
 
+// Below this many (step, channel, state) updates a parallel_for chunk is not worth a thread
+// wake-up (decoding steps and short chunks stay on the calling thread).
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+// at::parallel_for grain for tasks of `work` updates each.
+int64_t task_grain(int64_t work) {
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work));
+}
+
 // A (B, X, L) tensor as raw pointer + strides in elements (any strides, also negative / zero).
 template <typename P>
 struct View3 {
@@ -152,7 +161,8 @@ void scan_fwd_kernel(const ScanInputs<S, T>& in, const T* init, View3<S> y, T* f
   constexpr int64_t K = W * NV;
   const int64_t N = in.n, dim = in.dim, len = in.len;
   const int64_t nblk = (dim + K - 1) / K, nc = scan_num_chunks(len);
-  at::parallel_for(0, in.batch * nblk, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = task_grain(len * K * std::max<int64_t>(N, 1));
+  at::parallel_for(0, in.batch * nblk, grain, [&](int64_t begin, int64_t end) {
     BlockWeights<T> w;
     std::vector<T> h(N * K), us(kT * K), dts(kT * K), zs(kT * K), ys(kT * K), Bs(kT * N),
         Cs(kT * N);
@@ -167,8 +177,10 @@ void scan_fwd_kernel(const ScanInputs<S, T>& in, const T* init, View3<S> y, T* f
       }
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t t0 = c * kT, nt = std::min(kT, len - t0);
-        T* ck = ckpt + (b * nc + c) * N * dim + d0;
-        for (int64_t j = 0; j < N; ++j) std::copy_n(h.data() + j * K, nd, ck + j * dim);
+        if (ckpt) {
+          T* ck = ckpt + (b * nc + c) * N * dim + d0;
+          for (int64_t j = 0; j < N; ++j) std::copy_n(h.data() + j * K, nd, ck + j * dim);
+        }
         stage(in.u.at(b, d0, t0), in.u.s1, in.u.s2, nd, nt, K, us.data());
         stage(in.delta.at(b, d0, t0), in.delta.s1, in.delta.s2, nd, nt, K, dts.data());
         delta_to_dt<T, NV>(dts.data(), nullptr, w.bias.data(), nt, in.softplus);
@@ -293,7 +305,8 @@ void scan_bwd_kernel(const ScanInputs<S, T>& in, View3<const S> gy_in, const T* 
   const bool has_z = in.z.p != nullptr;
   const View3<S>&gu = out.gu, &gdl = out.gdelta, &gz = out.gz;
 
-  at::parallel_for(0, in.batch * groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = task_grain(len * per_group * K * std::max<int64_t>(N, 1));
+  at::parallel_for(0, in.batch * groups, grain, [&](int64_t begin, int64_t end) {
     BlockWeights<T> w;
     std::vector<T> us(kT * K), dts(kT * K), dsp(kT * K), zs(kT * K), gs(kT * K), yp(kT * K),
         gus(kT * K), gds(kT * K), gzs(kT * K), Bs(kT * N), Cs(kT * N), hbuf((kT + 1) * N * K),
@@ -448,7 +461,7 @@ void scan_bwd_kernel(const ScanInputs<S, T>& in, View3<const S> gy_in, const T* 
 template <typename S, typename T>
 void reduce_groups(const T* part, int64_t batch, int64_t groups, int64_t len, int64_t n,
                    View3<S> out) {
-  at::parallel_for(0, batch * len, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * len, task_grain(groups * n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / len, t = i % len;
       for (int64_t j = 0; j < n; ++j) {
@@ -498,7 +511,11 @@ ScanGrads scan_bwd_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>
           // (L, N) partial of grad_B / grad_C.
           const int64_t nblk = (dim + kNV * Vec<acc_t>::kWidth - 1) / (kNV * Vec<acc_t>::kWidth);
           const int64_t threads = at::get_num_threads();
-          const int64_t groups = std::clamp<int64_t>((2 * threads + batch - 1) / batch, 1, nblk);
+          const int64_t work = len * dim * std::max<int64_t>(n, 1);
+          const int64_t groups =
+              work < 2 * kMinParallelWork
+                  ? 1
+                  : std::clamp<int64_t>((2 * threads + batch - 1) / batch, 1, nblk);
           at::Tensor gB_part = at::empty({batch, groups, len, n}, copts);
           at::Tensor gC_part = at::empty({batch, groups, len, n}, copts);
           const auto in =
@@ -536,67 +553,6 @@ ScanGrads scan_bwd_cpu(const at::Tensor& grad_y, const std::optional<at::Tensor>
 // scan_update
 // ------------------------------------------------------------------------------------------
 
-template <typename T>
-T scalar_softplus(T x) {
-  return x > T(20) ? x : std::log1p(std::exp(x));
-}
-
-// state: (B, D, N) contiguous in T, updated in place. Each (b, d) row walks N with vectors.
-template <typename S, typename T>
-void scan_update_kernel(T* state, const at::Tensor& u, const at::Tensor& delta, const T* A,
-                        const at::Tensor& B, const at::Tensor& C, const T* D,
-                        const std::optional<at::Tensor>& z, const T* bias, bool softplus, S* y) {
-  using V = Vec<T>;
-  constexpr int W = V::kWidth;
-  const int64_t batch = u.size(0), dim = u.size(1), N = B.size(1);
-  const int64_t np = (N + W - 1) / W * W;
-  const S* up = u.const_data_ptr<S>();
-  const S* dp = delta.const_data_ptr<S>();
-  const S* zp = z ? z->const_data_ptr<S>() : nullptr;
-  const S* Bp = B.const_data_ptr<S>();
-  const S* Cp = C.const_data_ptr<S>();
-  at::parallel_for(0, batch * dim, 16, [&](int64_t begin, int64_t end) {
-    std::vector<T> h(np), a(np), bb(np), cc(np);
-    int64_t staged_b = -1;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / dim, d = r % dim;
-      if (b != staged_b) {
-        std::fill(bb.begin(), bb.end(), T(0));
-        std::fill(cc.begin(), cc.end(), T(0));
-        for (int64_t j = 0; j < N; ++j) {
-          bb[j] = static_cast<T>(Bp[b * B.stride(0) + j * B.stride(1)]);
-          cc[j] = static_cast<T>(Cp[b * C.stride(0) + j * C.stride(1)]);
-        }
-        staged_b = b;
-      }
-      const T uu = static_cast<T>(up[b * u.stride(0) + d * u.stride(1)]);
-      T x = static_cast<T>(dp[b * delta.stride(0) + d * delta.stride(1)]);
-      if (bias) x += bias[d];
-      const T dt = softplus ? scalar_softplus(x) : x;
-      T* hs = state + r * N;
-      std::fill(h.begin() + N, h.end(), T(0));
-      std::fill(a.begin() + N, a.end(), T(0));
-      std::copy_n(hs, N, h.data());
-      std::copy_n(A + d * N, N, a.data());
-      const V dtv = V::broadcast(dt), dtu = V::broadcast(dt * uu);
-      V acc = V::zero();
-      for (int64_t j = 0; j < np; j += W) {
-        const V hv = fmadd((dtv * V::load(a.data() + j)).exp(), V::load(h.data() + j),
-                           dtu * V::load(bb.data() + j));
-        hv.store(h.data() + j);
-        acc = fmadd(hv, V::load(cc.data() + j), acc);
-      }
-      std::copy_n(h.data(), N, hs);
-      T out = acc.sum() + (D ? D[d] : T(0)) * uu;
-      if (zp) {
-        const T zz = static_cast<T>(zp[b * z->stride(0) + d * z->stride(1)]);
-        out *= zz / (T(1) + std::exp(-zz));
-      }
-      y[r] = static_cast<S>(out);
-    }
-  });
-}
-
 at::Tensor scan_update_cpu(const at::Tensor& state, const at::Tensor& u, const at::Tensor& delta,
                            const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -611,14 +567,17 @@ at::Tensor scan_update_cpu(const at::Tensor& state, const at::Tensor& u, const a
   at::Tensor st = direct ? state : state.to(cdt).contiguous();
   const at::Tensor A_c = A.to(cdt).contiguous();
   const auto D_c = to_compute(D, cdt), bias_c = to_compute(delta_bias, cdt);
+  // One step of scan_fwd (L = 1) that reads its initial state from and writes its final state to
+  // the same buffer: each task reads its channels' states before it writes them.
+  const auto steps = [](const at::Tensor& t) { return t.unsqueeze(2); };
+  const std::optional<at::Tensor> z1 = z ? std::optional<at::Tensor>(steps(*z)) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, u.scalar_type(), "mblm_scan_update_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        scan_update_kernel<scalar_t, acc_t>(st.mutable_data_ptr<acc_t>(), u, delta,
-                                            A_c.const_data_ptr<acc_t>(), B, C,
-                                            D_c ? D_c->const_data_ptr<acc_t>() : nullptr, z,
-                                            bias_c ? bias_c->const_data_ptr<acc_t>() : nullptr,
-                                            delta_softplus, y.mutable_data_ptr<scalar_t>());
+        const auto in = make_inputs<scalar_t, acc_t>(steps(u), steps(delta), A_c, steps(B),
+                                                     steps(C), D_c, z1, bias_c, delta_softplus);
+        acc_t* h = st.mutable_data_ptr<acc_t>();
+        scan_fwd_kernel<scalar_t, acc_t, 2>(in, h, view3_mut<scalar_t>(steps(y)), h, nullptr);
       });
   if (!direct) state.copy_(st);
   return y;
