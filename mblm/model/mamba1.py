@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mblm.ops.reference import causal_conv1d_ref, selective_scan_ref
+from mblm.ops.conv import causal_conv1d
+from mblm.ops.scan import selective_scan
 
 Cache = tuple[Tensor | None, Tensor]
 
@@ -146,7 +147,7 @@ class MambaBlock(nn.Module):
         """
         cfg = self.config
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs, conv_state = causal_conv1d_ref(
+        xs, conv_state = causal_conv1d(
             xs.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, True
         )
         dbc = self.x_proj(xs.transpose(1, 2))
@@ -154,8 +155,8 @@ class MambaBlock(nn.Module):
         if self.dt_layernorm is not None:
             delta, b, c = self.dt_layernorm(delta), self.B_layernorm(b), self.C_layernorm(c)
         # dt_proj's matmul here, its bias and the softplus inside the scan (as mambapy does).
-        delta = self.dt_proj.weight @ delta.transpose(1, 2)
-        y, ssm_state = selective_scan_ref(
+        delta = (delta @ self.dt_proj.weight.t()).transpose(1, 2)  # channel-contiguous (B, ED, L)
+        y, ssm_state = selective_scan(
             xs,
             delta,
             -torch.exp(self.A_log.float()),

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mblm.ops.reference import causal_conv1d_ref, ssd_ref
+from mblm.ops.conv import causal_conv1d
+from mblm.ops.reference import ssd_ref
 
 State = tuple[Tensor, Tensor]
 
@@ -220,7 +221,7 @@ class Mamba2(nn.Module):
         z, xbc, dt = torch.split(
             self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1
         )
-        xbc, conv_state = causal_conv1d_ref(
+        xbc, conv_state = causal_conv1d(
             xbc.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, True
         )
         x, b, c = torch.split(xbc.transpose(1, 2), [self.d_inner, gn, gn], dim=-1)
