@@ -842,10 +842,13 @@ class CoreTrainer(ABC, Generic[TModel, TBatch, TModelParams, TTrainConfig, TIoCo
         optimizer = self.configure_optimizer(self._model_dist.parameters())
         local_gradient_steps = local_batch_iters // train_conf.gradient_accumulate_every
         scheduler = self.configure_scheduler(optimizer, local_gradient_steps)
-        scaler = torch.amp.GradScaler(
+        # loss scaling is needed for float16 autocast only (not for bfloat16, not on CPU)
+        scaler = self._scaler = torch.amp.GradScaler(
             self._device_type,
             enabled=self._is_cuda and self.options.amp_dtype == torch.float16,
         )
+        # a retry must not accumulate into gradients left by the failed attempt
+        optimizer.zero_grad(set_to_none=True)
 
         state = self._pending_state()
         if state is not None:
@@ -904,9 +907,7 @@ class CoreTrainer(ABC, Generic[TModel, TBatch, TModelParams, TTrainConfig, TIoCo
                     next_batch = 0 if is_last_of_epoch else batch_idx + 1
                     steps = (batch_idx + 1) % train_conf.gradient_accumulate_every == 0
 
-                    loss_value = self._train_step(
-                        batch, steps, cum, optimizer, scheduler, scaler, loop
-                    )
+                    loss_value = self._forward_backward(batch, steps, cum, loop)
                     loop.elements_seen += elements_per_batch
                     loop.iters_done += 1
                     loop.epoch, loop.batch = next_epoch, next_batch
@@ -925,6 +926,8 @@ class CoreTrainer(ABC, Generic[TModel, TBatch, TModelParams, TTrainConfig, TIoCo
                             avg_grad=loop.avg_grad,
                             avg_grad_clipped=loop.avg_grad_clipped,
                         )
+                    if steps:
+                        self._optimizer_step(optimizer, scheduler, loop)
                     postfix = {"loss": f"{loss_value:.3f}"}
                     if last_valid_bpb is not None:
                         postfix["valid_bpb"] = f"{last_valid_bpb:.3f}"
@@ -1005,19 +1008,9 @@ class CoreTrainer(ABC, Generic[TModel, TBatch, TModelParams, TTrainConfig, TIoCo
             next(items)
         return items
 
-    def _train_step(
-        self,
-        batch: TBatch,
-        steps: bool,
-        cum: int,
-        optimizer: Optimizer,
-        scheduler: LRScheduler,
-        scaler: torch.amp.GradScaler,
-        loop: _Loop,
-    ) -> float:
-        """Forward and backward of one micro-batch, then the optimizer step when ``steps``.
-        Returns the (undivided) loss."""
-        acc = self.config.train.gradient_accumulate_every
+    def _forward_backward(self, batch: TBatch, steps: bool, cum: int, loop: _Loop) -> float:
+        """Forward and backward of one micro-batch (gradients accumulate). Returns the
+        undivided loss."""
         self._model_dist.train()
         # DDP all-reduces gradients only on the micro-batch that completes an accumulation
         sync = (
@@ -1040,7 +1033,7 @@ class CoreTrainer(ABC, Generic[TModel, TBatch, TModelParams, TTrainConfig, TIoCo
                     f"Train loss (raw): {loss_value}, batch: {shape}"
                 )
             start_bw = perf_counter()
-            scaler.scale(loss / acc).backward()
+            self._scaler.scale(loss / self.config.train.gradient_accumulate_every).backward()
             bw_time = perf_counter() - start_bw
 
         if self.options.track_first_fw_bw_exec_times:
@@ -1052,21 +1045,23 @@ class CoreTrainer(ABC, Generic[TModel, TBatch, TModelParams, TTrainConfig, TIoCo
                 fw_time=fw_time,
                 bw_time=bw_time,
             )
-
-        if steps:
-            scaler.unscale_(optimizer)
-            loop.avg_grad = self.avg_gradient_value()
-            if (max_norm := self.config.train.gradient_clipping) is not None:
-                torch.nn.utils.clip_grad_norm_(self._model_dist.parameters(), max_norm)
-            loop.avg_grad_clipped = self.avg_gradient_value()
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            # a skipped (inf/NaN) fp16 step lowers the scale: do not advance the schedule then
-            if scheduler is not None and not scale_before > scaler.get_scale():
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
         return loss_value
+
+    def _optimizer_step(self, optimizer: Optimizer, scheduler: LRScheduler, loop: _Loop) -> None:
+        """Unscale, record the mean gradient before and after clipping, step, schedule."""
+        scaler = self._scaler
+        scaler.unscale_(optimizer)
+        loop.avg_grad = self.avg_gradient_value()
+        if (max_norm := self.config.train.gradient_clipping) is not None:
+            torch.nn.utils.clip_grad_norm_(self._model_dist.parameters(), max_norm)
+        loop.avg_grad_clipped = self.avg_gradient_value()
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        # a skipped (inf/NaN) fp16 step lowers the scale: do not advance the schedule then
+        if scheduler is not None and not scale_before > scaler.get_scale():
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def _validate(
         self, valid_loader: DataLoader, elements_seen: int, cum: int, epoch: int, batch_idx: int

@@ -1,0 +1,43 @@
+"""Worker script for the torchrun tests: trains the tiny config into argv[1].
+
+Env: KILL_AT_ITER=n makes the first attempt (TORCHELASTIC_RESTART_COUNT 0) of global rank 1 kill
+itself with SIGKILL at its n-th training forward.
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mblm.train.core.trainer import CoreTrainerOptions  # noqa: E402
+from mblm.train.mblm import MegabyteTrainer, train_mblm  # noqa: E402
+from mblm.utils.seed import seed_everything  # noqa: E402
+from train.helpers import tiny_config  # noqa: E402
+
+kill_at = int(os.environ.get("KILL_AT_ITER", "0"))
+if (
+    kill_at
+    and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    and os.environ["RANK"] == "1"
+):
+    calls = {"n": 0}
+    forward = MegabyteTrainer.model_forward
+
+    def killing_forward(self, model, batch, device):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return forward(self, model, batch, device)
+
+    MegabyteTrainer.model_forward = killing_forward
+
+seed_everything(0)
+torch_threads = 1
+import torch  # noqa: E402
+
+torch.set_num_threads(torch_threads)
+trainer = train_mblm(tiny_config(sys.argv[1]), options=CoreTrainerOptions(display_progress=False))
+print(f"RUN_DIR={trainer.output_dir}", flush=True)
