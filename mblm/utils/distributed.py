@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Literal
 
 import torch
@@ -67,11 +68,41 @@ def process_group(*, backend: Literal["gloo", "nccl"] | None = None) -> Iterator
     run_vars = _torchrun_env_variables(is_cuda)
     if is_cuda:
         torch.cuda.set_device(run_vars.local_rank)
-    dist.init_process_group(backend=backend)
+    _init_from_torchrun_env(backend, run_vars)
     try:
         yield run_vars
     finally:
         dist.destroy_process_group()
+
+
+def _init_from_torchrun_env(backend: str, run_vars: ElasticRunVars) -> None:
+    """``init_process_group`` from torchrun's environment, with the store keys of every restart
+    attempt under their own prefix.
+
+    torchrun's agent keeps one store (same address) across restarts of the worker group, and a
+    process group's keys are the same in every attempt: a restarted group could then read the
+    addresses of the previous attempt's dead workers and fail (or hang) while connecting. The
+    attempt prefix keeps them apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        dist.init_process_group(backend=backend)
+        return
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=run_vars.world_size,
+        is_master=not agent_store and run_vars.global_rank == 0,
+        timeout=timedelta(minutes=30),
+        multi_tenant=not agent_store,
+    )
+    dist.init_process_group(
+        backend=backend,
+        store=dist.PrefixStore(f"mblm/attempt_{attempt}", store),
+        rank=run_vars.global_rank,
+        world_size=run_vars.world_size,
+    )
 
 
 def is_distributed() -> bool:

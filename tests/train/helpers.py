@@ -19,7 +19,9 @@ from mblm.train.mblm import (
     dataset_registry,
 )
 
-TEXT = b"the quick brown fox jumps over the lazy dog; " * 64
+TEXT = b"".join(
+    b"%02d the quick brown fox jumps over the lazy dog\n" % (i % 100) for i in range(55)
+)
 
 
 @dataset_registry.register("tiny_text")

@@ -34,10 +34,21 @@ if (
 
     MegabyteTrainer.model_forward = killing_forward
 
-seed_everything(0)
-torch_threads = 1
-import torch  # noqa: E402
+_write_state = MegabyteTrainer._write_state_file
 
-torch.set_num_threads(torch_threads)
-trainer = train_mblm(tiny_config(sys.argv[1]), options=CoreTrainerOptions(display_progress=False))
+
+def reporting_write_state(self, loop, *args, finished, **kwargs):
+    if finished:  # every rank, before the main rank loads the best model: the latest weights
+        model = self._unpack_distributed_model(self._model_dist)
+        checksum = sum(float(p.double().sum()) for p in model.parameters())
+        print(f"FINAL_WEIGHTS rank={os.environ['RANK']} sum={checksum!r}", flush=True)
+    return _write_state(self, loop, *args, finished=finished, **kwargs)
+
+
+MegabyteTrainer._write_state_file = reporting_write_state
+
+seed_everything(0)
+config = tiny_config(sys.argv[1])
+config.io.enabled_loss_log_for_gpus = [0, 1]
+trainer = train_mblm(config, options=CoreTrainerOptions(display_progress=False))
 print(f"RUN_DIR={trainer.output_dir}", flush=True)

@@ -79,7 +79,7 @@ def test_output_config_and_checkpoints(reference_run):
     out = load_yml(reference_run / "config.yaml", TrainOutputConfig)
     assert out.summary.error is None and out.summary.num_workers == 1
     assert out.resume.checkpoint_file.endswith("tiny_top1.pth")
-    assert (out.resume.next_epoch_index, out.resume.next_batch_index) == (1, 2)
+    assert (out.resume.next_epoch_index, out.resume.next_batch_index) == (1, 4)
     entry = load_yml(reference_run / "config.yaml", TrainEntryConfig)  # chaining input
     assert entry.resume is not None
 
