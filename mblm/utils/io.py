@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -90,7 +91,7 @@ def torch_load(path: str | Path, map_location: MAP_LOCATION = None, mmap: bool =
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
 
 

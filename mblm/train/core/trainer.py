@@ -729,6 +729,9 @@ class CoreTrainer(ABC, Generic[TModel, TBatch, TModelParams, TTrainConfig, TIoCo
         """Mean of the per-batch losses over the loader's first ``max_eval_steps`` batches. With
         ``shard``, batch i is evaluated by rank ``i % world_size`` and the sums are all-reduced,
         so every rank returns the same value the unsharded evaluation gives."""
+        # without the DDP wrapper: its forward would run collectives (buffer broadcasts) that
+        # ranks evaluating different numbers of batches could not match
+        model = self._unpack_distributed_model(model)
         model.eval()
         max_steps = self.config.train.max_eval_steps
         target = min(max_steps, len(loader)) if max_steps else len(loader)
