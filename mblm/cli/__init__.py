@@ -1,0 +1,1 @@
+"""Command-line entry points: ``mblm-train``, ``mblm-generate``, ``mblm-plot``, ``mblm-export``."""

@@ -1,0 +1,1 @@
+"""The generic trainer: configs, the epoch cycler and ``CoreTrainer``."""
