@@ -269,3 +269,104 @@ def ssd_ref(
         Dc = D.to(cdt)
         y = y + (Dc[:, None] if Dc.dim() == 1 else Dc) * xc
     return y.to(x.dtype), s
+
+
+def _ssd_chunk_decays(log_decay: Tensor) -> Tensor:
+    """Within-chunk decay matrix: log_decay (..., T) -> (..., T, T) with entry [i, j] =
+    exp(log_decay[j + 1] + ... + log_decay[i]) for j <= i (1 on the diagonal) and 0 above it.
+
+    The sums are taken directly (a masked cumulative sum down each column), not as differences
+    of one running sum, so they keep full precision however large the running sum grows.
+    """
+    steps = log_decay.shape[-1]
+    below = torch.ones(steps, steps, dtype=torch.bool, device=log_decay.device).tril(-1)
+    terms = log_decay[..., :, None].expand(*log_decay.shape, steps).masked_fill(~below, 0.0)
+    sums = terms.cumsum(dim=-2)
+    causal = torch.ones(steps, steps, dtype=torch.bool, device=log_decay.device).tril()
+    return sums.masked_fill(~causal, float("-inf")).exp()
+
+
+def ssd_chunked_ref(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """``ssd_ref`` computed by the chunked state-space-dual algorithm (Dao & Gu 2024, §6-7, the
+    "SSD minimal" listing): the sequence is cut into chunks of ``chunk_size`` steps and
+
+    1. inside a chunk the scan is a masked "attention": y_i += sum_{j <= i} (C_i . B_j)
+       exp(a_{j+1} + ... + a_i) d_j x_j, with a_t = d_t A the per-step log-decay;
+    2. each chunk's own contribution to the state at its end: sum_j exp(a_{j+1} + ... + a_end)
+       d_j x_j (outer) B_j;
+    3. the states entering every chunk follow from a recurrence over chunks (initial_state at
+       the first);
+    4. the state entering a chunk reaches each output y_i of it through C_i, decayed by
+       exp(a_first + ... + a_i).
+
+    Arguments and results as ``ssd_ref`` (same meaning, differentiable with torch autograd); the
+    work is batched matrix products, which is why it serves as the speed peer of the kernels.
+    A length that is not a multiple of ``chunk_size`` is padded with steps of dt = 0 (decay 1,
+    no input), which leave the state unchanged.
+    """
+    cdt = _compute_dtype(x)
+    batch, length, heads, headdim = x.shape
+    groups, state = B.shape[2], B.shape[3]
+    per_group = heads // groups
+    d = dt.to(cdt)
+    if dt_bias is not None:
+        d = d + dt_bias.to(cdt)
+    if dt_softplus:
+        d = torch.nn.functional.softplus(d)
+    xc = x.to(cdt)
+    dx = d[..., None] * xc
+    log_decay = d * A.to(cdt)
+
+    steps = chunk_size
+    chunks = -(-length // steps)
+    pad = chunks * steps - length
+
+    def chunked(t: Tensor) -> Tensor:  # (b, L, ...) -> (b, c, T, ...), zero-padded in time
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(batch, chunks, steps, *t.shape[2:])
+
+    # heads split as (group, head within group): B and C are shared within a group
+    xs = chunked(dx).reshape(batch, chunks, steps, groups, per_group, headdim)
+    Bs = chunked(B.to(cdt))  # (b, c, T, g, n)
+    Cs = chunked(C.to(cdt))
+    a = chunked(log_decay).permute(0, 3, 1, 2)  # (b, h, c, T)
+    a = a.reshape(batch, groups, per_group, chunks, steps)
+    run = a.cumsum(dim=-1)  # log-decay from the chunk start to each step (inclusive)
+
+    # 1. within-chunk outputs
+    mix = torch.einsum("bclgn,bcsgn->bgcls", Cs, Bs)[:, :, None] * _ssd_chunk_decays(a)
+    y = torch.einsum("bgrcls,bcsgrp->bclgrp", mix, xs)
+    # 2. each chunk's contribution to the state at its end
+    to_end = torch.exp(run[..., -1:] - run).permute(0, 3, 4, 1, 2)  # (b, c, T, g, r)
+    own = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bs, xs * to_end[..., None])
+    # 3. states entering each chunk
+    through = torch.exp(run[..., -1])  # (b, g, r, c): decay across a whole chunk
+    if initial_state is None:
+        s = xc.new_zeros(batch, groups, per_group, headdim, state)
+    else:
+        s = initial_state.to(cdt).reshape(batch, groups, per_group, headdim, state)
+    entering = []
+    for across, added in zip(through.unbind(-1), own.unbind(1), strict=True):
+        entering.append(s)
+        s = across[..., None, None] * s + added
+    # 4. entering states to the chunk's outputs
+    if chunks:
+        states = torch.stack(entering, dim=1)  # (b, c, g, r, p, n)
+        from_start = torch.exp(run).permute(0, 3, 4, 1, 2)[..., None]  # (b, c, T, g, r, 1)
+        y = y + torch.einsum("bclgn,bcgrpn->bclgrp", Cs, states) * from_start
+    y = y.reshape(batch, chunks * steps, heads, headdim)[:, :length]
+    if D is not None:
+        Dc = D.to(cdt)
+        y = y + (Dc[:, None] if Dc.dim() == 1 else Dc) * xc
+    return y.to(x.dtype), s.reshape(batch, heads, headdim, state)

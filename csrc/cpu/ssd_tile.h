@@ -1,0 +1,177 @@
+// The inner loop of every CPU SSD pass: a rank-1 recurrence over a tile of state rows that stays
+// in registers for a block of time steps, with one reduction over the rows per step.
+//
+// A pass keeps a (rows x kTileLanes) slice of a (P x N) state matrix, "rows" being one of the two
+// dimensions and the lanes a 16-wide block of the other. Per time step i it does
+//
+//     tile *= pre[i]                    only where pre[i] != 1 (a rescaling restart, see ssd.cpp)
+//     tile[r] += U[r][i] * V[i]         rank-1 update: row coefficients times the lane vector
+//     acc[i]  += sum_r R[r][i] * tile[r]   reduction over the rows, into a lanes vector
+//
+// The four passes of the forward and backward scans are this one loop with different operands
+// (see ssd.cpp). U and R are (rows x steps) matrices in one of two layouts: "row-major" (element
+// (r, i) at r * ld + i: a register block of rows reads contiguous streams; the (n x p) passes,
+// whose coefficients B and C are re-laid out once per group) or "step-major" (element (r, i) at
+// i * ld + r: the inputs x and gy read in place, the (p x n) passes). V and acc are
+// (steps x kTileLanes).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MBLM_SSD_AVX2 1
+#else
+#define MBLM_SSD_AVX2 0
+#endif
+
+namespace mblm::cpu_ssd {
+
+// Lanes of a tile row: two AVX2 float vectors (four double vectors).
+constexpr int64_t kTileLanes = 16;
+
+template <typename T>
+struct Vec;
+
+#if MBLM_SSD_AVX2
+
+template <>
+struct Vec<float> {
+  static constexpr int kWidth = 8;
+  __m256 v;
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec broadcast(float x) { return {_mm256_set1_ps(x)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int kWidth = 4;
+  __m256d v;
+  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static Vec broadcast(double x) { return {_mm256_set1_pd(x)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
+};
+
+#else
+
+// Portable fallback: a fixed-size array the compiler vectorizes.
+template <typename T>
+struct Vec {
+  static constexpr int kWidth = 32 / sizeof(T);
+  T v[kWidth];
+  static Vec load(const T* p) {
+    Vec r;
+    for (int i = 0; i < kWidth; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static Vec broadcast(T x) {
+    Vec r;
+    for (int i = 0; i < kWidth; ++i) r.v[i] = x;
+    return r;
+  }
+  void store(T* p) const {
+    for (int i = 0; i < kWidth; ++i) p[i] = v[i];
+  }
+  friend Vec fmadd(Vec a, Vec b, Vec c) {
+    for (int i = 0; i < kWidth; ++i) c.v[i] += a.v[i] * b.v[i];
+    return c;
+  }
+  friend Vec operator*(Vec a, Vec b) {
+    for (int i = 0; i < kWidth; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+};
+
+#endif
+
+// Operands of one pass over one block of steps (pointers to the block's first step).
+template <typename T>
+struct TileOperands {
+  const T* U;   // rows x steps: update coefficient of row r at step i
+  int64_t ldu;  // stride of the major dimension (see the layouts above)
+  const T* V;   // steps x kTileLanes, row stride ldv: the update's lane vector at step i
+  int64_t ldv;
+  const T* R;  // rows x steps: reduction coefficient of row r at step i
+  int64_t ldr;
+  const T* pre;  // steps: rescaling factor applied before step i (1 = none)
+  T* acc;        // steps x kTileLanes: the reductions, accumulated into
+  int64_t steps;
+};
+
+// How a pass walks a block: in time order or reversed (the backward's G passes walk from the
+// last step to the first), which layout U and R have, and whether the reduction reads the tile
+// before the step's update instead of after it (the backward's log-decay terms, ssd_bwd.cpp).
+struct ScanOrder {
+  bool reverse = false;
+  bool step_major = false;
+  bool reduce_first = false;
+};
+
+// kRows rows of the tile (row stride kTileLanes) through every step of the block.
+template <typename T, int kRows, ScanOrder kOrder>
+inline void scan_rows(T* tile, const T* U, const T* R, const TileOperands<T>& op) {
+  const int64_t u_row = kOrder.step_major ? 1 : op.ldu, u_step = kOrder.step_major ? op.ldu : 1;
+  const int64_t r_row = kOrder.step_major ? 1 : op.ldr, r_step = kOrder.step_major ? op.ldr : 1;
+  using V = Vec<T>;
+  constexpr int K = kTileLanes / V::kWidth;
+  V t[kRows][K];
+  for (int r = 0; r < kRows; ++r)
+    for (int k = 0; k < K; ++k) t[r][k] = V::load(tile + r * kTileLanes + k * V::kWidth);
+  auto reduce = [&](int64_t i) {
+    T* a = op.acc + i * kTileLanes;
+    V aa[K];
+    for (int k = 0; k < K; ++k) aa[k] = V::load(a + k * V::kWidth);
+    for (int r = 0; r < kRows; ++r) {
+      const V c = V::broadcast(R[r * r_row + i * r_step]);
+      for (int k = 0; k < K; ++k) aa[k] = fmadd(c, t[r][k], aa[k]);
+    }
+    for (int k = 0; k < K; ++k) aa[k].store(a + k * V::kWidth);
+  };
+  for (int64_t s = 0; s < op.steps; ++s) {
+    const int64_t i = kOrder.reverse ? op.steps - 1 - s : s;
+    const T pre = op.pre[i];
+    if (pre != T(1)) {
+      const V p = V::broadcast(pre);
+      for (int r = 0; r < kRows; ++r)
+        for (int k = 0; k < K; ++k) t[r][k] = t[r][k] * p;
+    }
+    if constexpr (kOrder.reduce_first) reduce(i);
+    const T* v = op.V + i * op.ldv;
+    V vv[K];
+    for (int k = 0; k < K; ++k) vv[k] = V::load(v + k * V::kWidth);
+    for (int r = 0; r < kRows; ++r) {
+      const V u = V::broadcast(U[r * u_row + i * u_step]);
+      for (int k = 0; k < K; ++k) t[r][k] = fmadd(u, vv[k], t[r][k]);
+    }
+    if constexpr (!kOrder.reduce_first) reduce(i);
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int k = 0; k < K; ++k) t[r][k].store(tile + r * kTileLanes + k * V::kWidth);
+}
+
+// Rows per register block: with 16 AVX2 registers, float keeps 4 rows x 2 vectors of state plus
+// the lane vector, the accumulator and a broadcast; double needs 4 vectors per row.
+template <typename T>
+constexpr int kRowBlock = sizeof(T) == 4 ? 4 : 2;
+
+// The whole tile (rows x kTileLanes, row-major) through one block of steps. op.acc must hold
+// the values to accumulate into (zeros for a fresh block).
+template <typename T, ScanOrder kOrder>
+void scan_tile(T* tile, int64_t rows, const TileOperands<T>& op) {
+  constexpr int RB = kRowBlock<T>;
+  const int64_t u_row = kOrder.step_major ? 1 : op.ldu, r_row = kOrder.step_major ? 1 : op.ldr;
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB) {
+    scan_rows<T, RB, kOrder>(tile + r * kTileLanes, op.U + r * u_row, op.R + r * r_row, op);
+  }
+  for (; r < rows; ++r) {
+    scan_rows<T, 1, kOrder>(tile + r * kTileLanes, op.U + r * u_row, op.R + r * r_row, op);
+  }
+}
+
+}  // namespace mblm::cpu_ssd
