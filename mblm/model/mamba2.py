@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mblm.ops.conv import causal_conv1d
-from mblm.ops.reference import ssd_ref
+from mblm.ops.ssd import ssd_scan
 
 State = tuple[Tensor, Tensor]
 
@@ -230,7 +230,7 @@ class Mamba2(nn.Module):
             dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
             dt_bias, softplus = None, False
         d = self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
-        y, ssm_state = ssd_ref(
+        y, ssm_state = ssd_scan(
             x.reshape(batch, length, self.nheads, self.headdim),
             dt,
             -torch.exp(self.A_log.float()),

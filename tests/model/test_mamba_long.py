@@ -28,7 +28,7 @@ def _saved_bytes_per_step(model: torch.nn.Module, length: int, d_model: int) -> 
     return (sum(seen.values()) - params) / length
 
 
-@pytest.mark.parametrize("block_type", ["mamba1"])
+@pytest.mark.parametrize("block_type", ["mamba1", "mamba2"])
 def test_global_mamba_stage_100k_steps_linear_memory(block_type):
     d_model = 16
     block = MambaBlock(d_state=8, d_conv=4, expand=2, headdim=8, block_type=block_type)
