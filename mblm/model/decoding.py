@@ -37,7 +37,7 @@ from mblm.model.utils import RoPE, log, top_k
 from mblm.ops._common import warn_once
 from mblm.utils.stream import ByteStreamer
 
-__all__ = ["HierarchicalDecoder", "generate", "sample_next"]
+__all__ = ["HierarchicalDecoder", "generate", "sample_next", "stage_tokens"]
 
 
 def _model_error(message: str) -> Exception:
@@ -70,6 +70,41 @@ def _cpu_small_op_flags(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch._C._set_mkldnn_enabled(enabled)
+
+
+def stage_tokens(
+    model: nn.Module,
+    k: int,
+    ids: Tensor,
+    positions: Tensor,
+    max_position: int,
+    prev: Tensor | None = None,
+) -> Tensor:
+    """Inputs of stage k for m tokens per row, as the forward pass assembles them (semantics
+    §2.3-2.4): ``(embedding (+ learned position)) + prev`` (RoPE stages: the rotated embedding).
+
+    ids: (R, m) bytes (local stage) or (R, m, S_k) the bytes of each stage-k patch; positions:
+    (R, m) token indices inside their stage sequences (the token at index j is fed at sequence
+    position j + 1, after the start token); max_position: their maximum; prev: (R, m, D_k) the
+    previous stage's projected outputs or None. Returns (R, m, D_k).
+    """
+    emb = model.token_embs_rev[model.num_stages - 1 - k](ids)
+    pos_emb = model.pos_embs[k]
+    pos = None
+    if isinstance(pos_emb, RoPE):
+        emb = _rope_at(pos_emb, emb, positions, max_position)
+    elif isinstance(pos_emb, nn.Embedding):
+        pos = pos_emb.weight[positions]
+    dtype = emb.dtype
+    for t in (model.start_tokens[k], pos, prev):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    x = emb.to(dtype)
+    if pos is not None:
+        x = x + pos.to(dtype)
+    if prev is not None:
+        x = x + prev.to(dtype)
+    return x
 
 
 class HierarchicalDecoder:
@@ -150,33 +185,14 @@ class HierarchicalDecoder:
     def _inputs(
         self, k: int, ids: Tensor, positions: Tensor, index: Tensor | None, max_position: int
     ) -> Tensor:
-        """Stage-k inputs of m tokens per row: ``(embedding (+ fixed position)) + previous-stage
-        term``. ids: (R, m) bytes (local stage) or (R, m, S_k) patches; positions: (R, m) token
-        indices inside their stage sequences (the token fed at sequence position j + 1 has index
-        j)."""
-        model = self.model
-        emb = model.token_embs_rev[self.num_stages - 1 - k](ids)
-        pos_emb = model.pos_embs[k]
-        pos = None
-        if isinstance(pos_emb, RoPE):
-            emb = _rope_at(pos_emb, emb, positions, max_position)
-        elif isinstance(pos_emb, nn.Embedding):
-            pos = pos_emb.weight[positions]
+        """Stage-k inputs of m tokens per row (see ``stage_tokens``) plus the previous-stage
+        term of each row's current sequence at those positions."""
         prev = None
         if k > 0:
             prev_k = self.prev[k]
             assert prev_k is not None
             prev = prev_k[self._rows_tensor(index)[:, None], positions]
-        dtype = emb.dtype
-        for t in (model.start_tokens[k], pos, prev):
-            if t is not None:
-                dtype = torch.promote_types(dtype, t.dtype)
-        x = emb.to(dtype)
-        if pos is not None:
-            x = x + pos.to(dtype)
-        if prev is not None:
-            x = x + prev.to(dtype)
-        return x
+        return stage_tokens(self.model, k, ids, positions, max_position, prev)
 
     def _feed(self, k: int, x: Tensor, index: Tensor | None) -> Tensor:
         """Feeds x (R, m, D_k) to stage k; a global stage's last output becomes the

@@ -581,6 +581,37 @@ class MBLM(_HierarchyMixin):
             generator=generator,
         )
 
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        chunk_size: int = 8192,
+        loss_mask: torch.Tensor | None = None,
+        return_logits: bool = False,
+        logits_device: torch.device | str | None = None,
+    ):
+        """Scores (B, L) byte ids of any length in chunks: returns a ``ScoreResult`` with the
+        ``loss`` that ``forward(input_ids, return_type=LOSS, loss_mask=loss_mask)`` computes, its
+        ``bits_per_byte``, the number of counted positions and, with ``return_logits``, the
+        (B, L, V) logits of ``forward(..., return_type=LOGITS)`` (kept on ``logits_device``,
+        default the model's).
+
+        The input is processed ``chunk_size`` bytes (rounded down to whole global patches, at
+        least one) at a time; the global stage carries its keys/values or states across chunks,
+        so activation memory is that of one chunk while the result equals the one-shot forward
+        pass (up to float rounding). Runs without gradients.
+        """
+        from mblm.model.scoring import score
+
+        return score(
+            self,
+            input_ids,
+            chunk_size=chunk_size,
+            loss_mask=loss_mask,
+            return_logits=return_logits,
+            logits_device=logits_device,
+        )
+
 
 def _assemble(
     x: torch.Tensor,
