@@ -66,8 +66,6 @@ def assert_close(got, expected, dtype, what):
 @pytest.mark.parametrize("rotary", [True, False])
 @pytest.mark.parametrize("seq", [1, 3, 40])
 def test_values_vs_reference(device, dtype, rotary, seq):
-    if device == "cuda" and dtype == torch.float64:
-        pytest.skip("float64 is a CPU-only kernel dtype")
     lens = [0, 5, 70]
     case = make_case(3, seq, 2, 16, 4, 120, lens, [2, 0, 3], dtype, device, seed=seq,
                      rotary=rotary)  # fmt: skip
@@ -279,8 +277,24 @@ def test_device_mix_is_rejected():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [8, 32, 64, 128, 256])
+def test_cuda_bad_lens_give_nan_not_a_crash():
+    """Values are not checked on the GPU (that would synchronise): a bad row gets NaN."""
+    case = list(make_case(2, 1, 1, 8, 2, 4, [1, 2], None, device="cuda"))
+    case[5] = torch.tensor([1, 4], device="cuda")  # row 1: no room
+    out = torch.ops.mblm.attn_decode(*case, 0.5)
+    assert not out[0].isnan().any() and out[1].isnan().all()
+
+
+@pytest.mark.cuda
+def test_cuda_head_dim_above_256_falls_back_to_reference():
+    case = make_case(1, 1, 1, 264, 1, 4, [2], None, device="cuda")
+    with pytest.warns(RuntimeWarning, match="running the PyTorch reference"):
+        attn_decode(*case[:6], cos=case[7], sin=case[8])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("d", [8, 20, 32, 64, 128, 256])
 def test_cuda_matches_cpu_long_cache(dtype, d):
     """Long caches (many key tiles per warp), several queries, row subsets, on the GPU."""
     case = make_case(3, 5, 4, d, 6, 3000, [0, 999, 2990], [5, 0, 3], dtype, "cuda", seed=d)
