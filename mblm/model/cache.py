@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from mblm.model.mamba1 import Mamba as Mamba1
@@ -90,6 +91,10 @@ class TransformerCache:
         heads = self.layers[0][0].heads if self.layers else 1
         head_dim = self.layers[0][0].to_q.out_features // heads if self.layers else 1
         self.heads, self.head_dim = heads, head_dim
+        # one projection for q, k and v (to_q and to_kv have no bias): one matmul per layer
+        self.w_qkv = [
+            torch.cat((attn.to_q.weight, attn.to_kv.weight), dim=0) for attn, _ in self.layers
+        ]
         # token_shift moves the second chunk(2) half of the features: the last D - ceil(D/2)
         self.keep = (dim + 1) // 2
         shape = (batch, capacity, heads, head_dim)
@@ -98,44 +103,53 @@ class TransformerCache:
         self.shift_attn = [torch.zeros(batch, dim, device=device, dtype=dtype) for _ in self.layers]
         self.shift_ff = [torch.zeros(batch, dim, device=device, dtype=dtype) for _ in self.layers]
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
+        # positions held by every row while all rows are fed together (None once they differ):
+        # read on the host without synchronising with the device
+        self.uniform_len: int | None = 0
+        self.tables: tuple[Tensor, Tensor] | None = None
+        self._build_tables(capacity, dtype, device)
 
     @property
     def capacity(self) -> int:
         return self.k[0].shape[1] if self.k else 0
 
+    def _build_tables(self, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        """cos/sin (capacity, Dh) of every position, as ``RotaryEmbedding`` computes them (the
+        angle of position p is p * inv_freq in the table dtype whatever the length)."""
+        rotary = self.stack.rotary_emb
+        if rotary is None:
+            return
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        freqs = rotary(capacity, table_dtype).to(device)
+        self.tables = (freqs.cos(), freqs.sin())
+
     def _shifted(self, x: Tensor, prev: Tensor, rows: Tensor | None) -> Tensor:
         """token_shift(x) continuing a sequence whose previous input was ``prev`` (rows)."""
         keep = self.keep
         before = _get_rows(prev, rows)[:, None, keep:]
-        shifted = torch.cat((before, x[:, :-1, keep:]), dim=1)
+        if x.shape[1] > 1:
+            before = torch.cat((before, x[:, :-1, keep:]), dim=1)
+        shifted = torch.cat((x[..., :keep], before), dim=-1)  # before prev is overwritten
         _set_rows(prev, rows, x[:, -1])
-        return torch.cat((x[..., :keep], shifted), dim=-1)
-
-    def _rotary(self, lens: Tensor, seq: int, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        """cos/sin (R, S, Dh) of positions lens[r] + s, as RotaryEmbedding computes them."""
-        rotary = self.stack.rotary_emb
-        if rotary is None:
-            return None
-        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        positions = lens[:, None] + torch.arange(seq, device=lens.device)
-        freqs = positions.to(table_dtype)[..., None] * rotary.inv_freq.to(table_dtype)
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        return freqs.cos(), freqs.sin()
+        return shifted
 
     def extend(self, x: Tensor, rows: Tensor | None) -> Tensor:
         seq = x.shape[1]
         lens = _get_rows(self.lens, rows)
-        tables = self._rotary(lens, seq, x.dtype)
-        cos, sin = tables if tables is not None else (None, None)
-        h = self.heads
+        cos = sin = None
+        if self.tables is not None:
+            positions = lens[:, None]
+            if seq > 1:
+                positions = positions + torch.arange(seq, device=lens.device)
+            cos, sin = self.tables[0][positions], self.tables[1][positions]
+        h, inner = self.heads, self.heads * self.head_dim
         for i, (attn, ff) in enumerate(self.layers):
             normed = attn.norm(self._shifted(x, self.shift_attn[i], rows))
-            q = attn.to_q(normed).unflatten(-1, (h, -1))
-            k, v = attn.to_kv(normed).chunk(2, dim=-1)
+            qkv = F.linear(normed, self.w_qkv[i])
             out = attn_decode(
-                q,
-                k.unflatten(-1, (h, -1)),
-                v.unflatten(-1, (h, -1)),
+                qkv[..., :inner].unflatten(-1, (h, -1)),
+                qkv[..., inner : 2 * inner].unflatten(-1, (h, -1)),
+                qkv[..., 2 * inner :].unflatten(-1, (h, -1)),
                 self.k[i],
                 self.v[i],
                 lens,
@@ -144,13 +158,20 @@ class TransformerCache:
                 sin=sin,
                 scale=self.head_dim**-0.5,
             )
-            x = attn.to_out(out.flatten(-2)) + x
+            x = F.linear(out.flatten(-2), attn.to_out.weight) + x
             norm, up, act, drop, down = ff
-            x = down(drop(act(up(norm(self._shifted(x, self.shift_ff[i], rows)))))) + x
+            hidden = act(
+                F.linear(norm(self._shifted(x, self.shift_ff[i], rows)), up.weight, up.bias)
+            )
+            if drop.training and drop.p > 0:
+                hidden = drop(hidden)
+            x = F.linear(hidden, down.weight, down.bias) + x
         if rows is None:
             self.lens += seq
+            self.uniform_len = None if self.uniform_len is None else self.uniform_len + seq
         else:
             self.lens[rows] = lens + seq
+            self.uniform_len = None
         return self.stack.norm(x)
 
     def reserve(self, capacity: int) -> None:
@@ -163,10 +184,12 @@ class TransformerCache:
                 grown = t.new_zeros(t.shape[0], capacity, *t.shape[2:])
                 grown[:, : t.shape[1]] = t
                 store[i] = grown
+        if self.tables is not None:
+            self._build_tables(capacity, self.k[0].dtype, self.k[0].device)
 
     def load_start(self, rows: Tensor | None, template: StageCache) -> None:
         assert isinstance(template, TransformerCache)
-        n = int(template.lens[0])
+        n = template.uniform_len if template.uniform_len is not None else int(template.lens[0])
         for i in range(len(self.layers)):
             for dst, src in ((self.k[i], template.k[i]), (self.v[i], template.v[i])):
                 if rows is None:
@@ -181,8 +204,10 @@ class TransformerCache:
                     dst[rows] = src
         if rows is None:
             self.lens.fill_(n)
+            self.uniform_len = n
         else:
             self.lens[rows] = n
+            self.uniform_len = None
 
 
 class MambaCache:
