@@ -33,6 +33,9 @@ using cpu_attn::gemm;
 using cpu_attn::transpose;
 using cpu_attn::Vec;
 
+// Up to this many new positions per row, every query reads its keys directly (attend_few);
+// more (prefill, chunked scoring) take query blocks x key tiles through the GEMM micro-kernel.
+constexpr int64_t kFewQueries = 4;
 constexpr int64_t kBlockQ = 32;
 constexpr int64_t kBlockK = 64;
 // Work per at::parallel_for chunk, in multiply-adds: small problems stay on one thread.
@@ -128,6 +131,85 @@ void write_cache(const DecodeArgs<scalar_t>& a) {
                        std::copy(vsrc, vsrc + a.dim, a.v_cache.row(row, pos, h));
                      }
                    });
+}
+
+// Pass 2 for a few new positions per row (generation): every (row, new position, head) is one
+// work item that reads its cache row directly: scores by dot products, one softmax, then the
+// weighted sum of the values. No tiles, no transposes: with one query per key row, copying the
+// keys would cost more than the products.
+template <typename scalar_t>
+void attend_few(const DecodeArgs<scalar_t>& a) {
+  using acc_t = typename DecodeArgs<scalar_t>::acc_t;
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::kWidth;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t d = a.dim, dv = d / W * W;
+  const int64_t items = a.n_rows * a.seq * a.heads;
+  int64_t max_keys = 0, total_keys = 0;
+  for (int64_t r = 0; r < a.n_rows; ++r) {
+    max_keys = std::max(max_keys, a.lens[r] + a.seq);
+    total_keys += a.lens[r] + a.seq;
+  }
+  const int64_t flops_per_item =
+      std::max<int64_t>(1, 4 * d * (total_keys / std::max<int64_t>(1, a.n_rows)));
+  const int64_t grain = std::max<int64_t>(1, kGrainFlops / flops_per_item);
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qv(d), row(kConvert ? d : 0), o(d), sc(max_keys);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item % a.heads, s = (item / a.heads) % a.seq, r = item / (a.heads * a.seq);
+      const int64_t cache_row = a.cache_row(r), keys = a.lens[r] + s + 1;
+      load_rotated(a.q.row(r, s, h), qv.data(), d, a.table(a.cos, r, s), a.table(a.sin, r, s),
+                   a.scale);
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < keys; ++j) {
+        const acc_t* kr;
+        if constexpr (kConvert) {
+          cpu_attn::cvt_load(a.k_cache.row(cache_row, j, h), row.data(), d);
+          kr = row.data();
+        } else {
+          kr = a.k_cache.row(cache_row, j, h);
+        }
+        V acc = V::zero();
+        int64_t i = 0;
+        for (; i < dv; i += W) acc = fmadd(V::load(qv.data() + i), V::load(kr + i), acc);
+        acc_t dot = acc.sum();
+        for (; i < d; ++i) dot += qv[i] * kr[i];
+        sc[j] = dot;
+        mx = std::max(mx, dot);
+      }
+      acc_t sum = 0;
+      {
+        const V shift = V::broadcast(mx);
+        V vsum = V::zero();
+        int64_t j = 0;
+        for (; j + W <= keys; j += W) {
+          const V e = (V::load(sc.data() + j) - shift).exp();
+          e.store(sc.data() + j);
+          vsum = vsum + e;
+        }
+        sum = vsum.sum();
+        for (; j < keys; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
+      }
+      std::fill(o.begin(), o.end(), acc_t(0));
+      for (int64_t j = 0; j < keys; ++j) {
+        const acc_t* vr;
+        if constexpr (kConvert) {
+          cpu_attn::cvt_load(a.v_cache.row(cache_row, j, h), row.data(), d);
+          vr = row.data();
+        } else {
+          vr = a.v_cache.row(cache_row, j, h);
+        }
+        const V pj = V::broadcast(sc[j]);
+        int64_t i = 0;
+        for (; i < dv; i += W)
+          fmadd(pj, V::load(vr + i), V::load(o.data() + i)).store(o.data() + i);
+        for (; i < d; ++i) o[i] += sc[j] * vr[i];
+      }
+      const acc_t inv = acc_t(1) / sum;
+      for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+      store_row(o.data(), a.out.row(r, s, h), d);
+    }
+  });
 }
 
 // Pass 2: the attention of every (row, head, query block) over its cache row.
@@ -298,7 +380,11 @@ at::Tensor attn_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
             q.size(3),
             static_cast<acc_t>(scale)};
         write_cache(args);
-        attend(args);
+        if (args.seq <= kFewQueries) {
+          attend_few(args);
+        } else {
+          attend(args);
+        }
       });
   return out;
 }

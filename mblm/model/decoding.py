@@ -168,6 +168,13 @@ class HierarchicalDecoder:
             return None
         return torch.tensor(list(rows), dtype=torch.long, device=self.device)
 
+    def _column(self, values: list[int]) -> Tensor:
+        """(R, 1) long tensor of host values; equal values (rows in phase, the usual case) are a
+        fill on the device, not a host-to-device copy (no synchronisation on CUDA)."""
+        if all(v == values[0] for v in values):
+            return torch.full((len(values), 1), values[0], dtype=torch.long, device=self.device)
+        return torch.tensor(values, dtype=torch.long, device=self.device)[:, None]
+
     def _rows_tensor(self, index: Tensor | None) -> Tensor:
         return self._all_rows if index is None else index
 
@@ -309,7 +316,7 @@ class HierarchicalDecoder:
                 cols = torch.tensor(ends, device=self.device)[:, None] - size
                 patch_ids = self.ids[cont_t[:, None], cols + torch.arange(size, device=self.device)]
             token_pos = [p - 1 for _, p in cont]
-            pos_t = torch.tensor(token_pos, device=self.device)[:, None]
+            pos_t = self._column(token_pos)
             x = self._inputs(k, patch_ids[:, None], pos_t, cont_index, max(token_pos))
             self._feed(k, x, cont_index)
         local = n - 1
@@ -317,7 +324,7 @@ class HierarchicalDecoder:
         starting = [rows[i] for i, p in enumerate(positions) if p == 0]
         if starting:
             self._start(local, self._index(starting))
-        pos_t = torch.tensor(positions, device=self.device)[:, None]
+        pos_t = self._column(positions)
         x = self._inputs(local, tokens[:, None], pos_t, index, max(positions))
         y = self._feed(local, x, index)
         for r in rows:

@@ -20,6 +20,7 @@ from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
 
 __all__ = ["attn_decode"]
 
+_OP = torch.ops.mblm.attn_decode.default  # resolved once: the lookup costs microseconds
 _CUDA_MAX_HEAD_DIM = 256  # csrc/cuda/decode.cu: up to 8 head dims per lane of a warp
 _KERNEL_DEVICE_TYPES = frozenset(
     t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
@@ -61,9 +62,7 @@ def attn_decode(
             f"{q.shape[-1]}; running the PyTorch reference"
         )
         return reference.attn_decode_ref(q, k, v, k_cache, v_cache, lens, rows, cos, sin, scale)
-    return torch.ops.mblm.attn_decode.default(
-        q, k, v, k_cache, v_cache, lens, rows, cos, sin, scale
-    )
+    return _OP(q, k, v, k_cache, v_cache, lens, rows, cos, sin, scale)
 
 
 def _check_fake(q, k, v, k_cache, v_cache, lens, rows, cos, sin) -> None:

@@ -322,3 +322,38 @@ def test_context_limit_is_exact():
         out = model.generate(_sequence(prompt_len), num_tokens_to_generate=n)
         full = model.generate(_sequence(prompt_len), num_tokens_to_generate=n, use_cache=False)
         assert len(out) == 16 and out.tolist() == full.tolist()
+
+
+# ------------------------------------------------------------------------------ dtypes, GPU
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_other_dtypes_run_and_match_the_full_forward(dtype):
+    """The caches take the model's dtype (Mamba SSM states stay float32/float64)."""
+    model = _model([_mamba("mamba2", "fixed"), _tf("rope")], (16, 16), (5, 3)).to(dtype)
+    seq = _sequence(14)
+    decoder = HierarchicalDecoder(model, 1, 15)
+    got = [decoder.prefill([seq[:4]])[0]]
+    for t in range(4, 14):
+        got.append(decoder.step(seq[t : t + 1])[0])
+    with torch.no_grad():
+        full = model(seq[None], return_type=RT.LOGITS)[0, 3:]
+    atol = 1e-10 if dtype == torch.float64 else 0.1
+    torch.testing.assert_close(torch.stack(got), full, rtol=0, atol=atol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["tf3_mixed_pos", "hybrid3_m2_tf_m1", "mamba1_2"])
+def test_cuda_generation_equals_full_recomputation(name):
+    model = MODELS[name]().cuda()
+    prompts = [_sequence(n, seed=n).cuda() for n in (0, 3, 7)]
+    steps = _context(model) - 8
+    cached = model.generate(prompts, num_tokens_to_generate=steps, enable_progress=False)
+    for p, row in zip(prompts, cached, strict=True):
+        assert row.device.type == "cuda"
+        full = model.generate(p, num_tokens_to_generate=steps, use_cache=False)
+        assert row.tolist() == full.tolist()
+    ids = torch.stack([_sequence(_context(model) - 1, seed=s) for s in range(2)]).cuda()
+    with torch.no_grad():
+        loss = model(ids, return_type=RT.LOSS)
+    torch.testing.assert_close(model.score(ids, chunk_size=5).loss, loss, rtol=0, atol=1e-5)
