@@ -3,8 +3,9 @@
 Measures, for one model (``--model``):
 
 - bytes/s of cached greedy generation of 1K, 4K and 16K bytes (batch 1, empty prompt), timed in
-  full, and the per-byte time of the longest run relative to the shortest (the cache makes the
-  work per byte independent of the position);
+  full (median of ``--repeats``), and the per-byte time of 512 decoding steps just before 16K
+  bytes relative to just before 1K bytes (the cache makes the work per byte nearly independent of
+  the position);
 - the same for ``use_cache=False`` (this package's full-recompute loop) and for the original
   mblm 0.4.2 (its own venv, ``benchmarks/setup_original.sh``). Both recompute the whole sequence
   for every byte, so generating 16K bytes takes hours: they are timed on a short run instead,
@@ -104,6 +105,25 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def marginal_per_byte(model, position: int, steps: int, device: torch.device, repeats=3) -> float:
+    """Seconds per byte of ``steps`` greedy decoding steps right after ``position`` bytes (the
+    prompt is prefilled untimed): the cost of a byte at that position."""
+    from mblm.model.decoding import HierarchicalDecoder
+
+    prompt = torch.randint(0, 256, (position,), generator=torch.Generator().manual_seed(3))
+    times = []
+    for _ in range(repeats):
+        decoder = HierarchicalDecoder(model, 1, position + steps + 1, device)
+        logits = decoder.prefill([prompt.to(device)])
+
+        def run(decoder=decoder, logits=logits):
+            for _ in range(steps):
+                logits = decoder.step(logits.argmax(-1))
+
+        times.append(timed(run, device) / steps)
+    return statistics.median(times)
+
+
 def sample_lengths(n: int) -> list[int]:
     """Midpoints of the four quarters of [0, n)."""
     return [(2 * i + 1) * n // 8 for i in range(4)]
@@ -152,6 +172,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batch-bytes", type=int, default=1024, help="bytes per row (batch)")
     parser.add_argument("--sample-steps", type=int, default=4, help="bytes per sampled length")
+    parser.add_argument("--repeats", type=int, default=3, help="timed cached runs (median)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--orig-python", default=None, help="python of a venv with mblm==0.4.2")
@@ -162,7 +183,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="appended to every row's note")
     args = parser.parse_args()
     if args.quick:
-        args.lengths, args.batch_bytes = "256,1024", 256
+        args.lengths, args.batch_bytes, args.repeats = "256,1024", 256, 1
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     device = torch.device(args.device)
@@ -174,8 +195,11 @@ def main() -> None:
     model.generate(num_tokens_to_generate=64, enable_progress=False)  # warm-up
     cached = {}
     for n in lengths:
-        cached[n] = timed(
-            lambda n=n: model.generate(num_tokens_to_generate=n, enable_progress=False), device
+        cached[n] = statistics.median(
+            timed(
+                lambda n=n: model.generate(num_tokens_to_generate=n, enable_progress=False), device
+            )  # fmt: skip
+            for _ in range(args.repeats)
         )
         print(f"cached {n} bytes: {cached[n]:.2f} s ({n / cached[n]:.0f} bytes/s)", flush=True)
 
@@ -216,7 +240,7 @@ def main() -> None:
                     "peer": peer,
                     "peer_ms": est * 1e3,
                     "ratio": est / cached[n],
-                    "repeats": 1,
+                    "repeats": args.repeats,
                     "note": "; ".join(
                         x
                         for x in (
@@ -231,6 +255,27 @@ def main() -> None:
             )
     lo, hi = min(lengths), max(lengths)
     per_byte_ratio = (cached[hi] / hi) / (cached[lo] / lo)
+    steps = min(512, lo)
+    at_lo = marginal_per_byte(model, lo - steps, steps, device)
+    at_hi = marginal_per_byte(model, hi - steps, steps, device)
+    rows.append(
+        {
+            **base_row(device),
+            "threads": args.threads,
+            "case": f"generate_{args.model}_per_byte",
+            "shape": f"B=1 {steps} bytes before position {hi} {shape}",
+            "dtype": "float32",
+            "mode": "greedy",
+            "impl_ms": at_hi * 1e3,
+            "peer": f"{steps} bytes before position {lo}",
+            "peer_ms": at_lo * 1e3,
+            "ratio": at_lo / at_hi,
+            "repeats": 3,
+            "note": "; ".join(
+                x for x in (f"per-byte time at {hi} / at {lo}: {at_hi / at_lo:.2f}", note) if x
+            ),
+        }
+    )
 
     # ---- batch 16 vs batch 1 (cached)
     gen = torch.Generator().manual_seed(2)
@@ -277,8 +322,12 @@ def main() -> None:
 
     print_table(rows, ["case", "shape", "impl_ms", "peer", "peer_ms", "ratio"])
     print(
-        f"cached per-byte time: {cached[hi] / hi * 1e3:.3f} ms at {hi} bytes vs "
-        f"{cached[lo] / lo * 1e3:.3f} ms at {lo} bytes ({per_byte_ratio:.2f}x)"
+        f"cached, mean per-byte time of a whole run: {cached[hi] / hi * 1e3:.3f} ms for {hi} "
+        f"bytes vs {cached[lo] / lo * 1e3:.3f} ms for {lo} bytes ({per_byte_ratio:.2f}x)"
+    )
+    print(
+        f"cached, per-byte time of the {steps} bytes before position {hi}: {at_hi * 1e3:.3f} ms "
+        f"vs before {lo}: {at_lo * 1e3:.3f} ms ({at_hi / at_lo:.2f}x; median of 3)"
     )
     for row in rows:
         print(f"{row['shape']} vs {row['peer']}: {row['ratio']:.1f}x  ({row['note']})")

@@ -458,6 +458,7 @@ def _check_context(model: nn.Module, prompts: list[Tensor], steps: list[int]) ->
             )
 
 
+@torch.inference_mode()
 def generate(
     model: nn.Module,
     prime: Tensor | Sequence[Tensor] | None = None,

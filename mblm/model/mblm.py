@@ -18,7 +18,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -36,6 +36,9 @@ from mblm.model.multi_stage_token_embedding import MultiStageTokenEmbedding
 from mblm.model.utils import Rearrange, RoPE
 from mblm.ops.patch import patch_pad, patch_unpatch, stage_input
 from mblm.utils.stream import ByteStreamer
+
+if TYPE_CHECKING:
+    from mblm.model.scoring import ScoreResult
 
 __all__ = ["MBLM", "MBLMEncoder", "MBLMInputError"]
 
@@ -589,7 +592,7 @@ class MBLM(_HierarchyMixin):
         loss_mask: torch.Tensor | None = None,
         return_logits: bool = False,
         logits_device: torch.device | str | None = None,
-    ):
+    ) -> ScoreResult:
         """Scores (B, L) byte ids of any length in chunks: returns a ``ScoreResult`` with the
         ``loss`` that ``forward(input_ids, return_type=LOSS, loss_mask=loss_mask)`` computes, its
         ``bits_per_byte``, the number of counted positions and, with ``return_logits``, the
