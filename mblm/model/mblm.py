@@ -557,7 +557,8 @@ class MBLM(_HierarchyMixin):
                 and runs once per completed patch (the local stage once per byte), the prompt is
                 fed in one pass. False: the original loop, a full forward pass over the whole
                 sequence for every byte. Both give the same bytes (greedy decoding is tested
-                equal); the cached path computes the eval-mode function (no dropout).
+                equal). As in the original, the model is not switched to eval mode: call
+                ``model.eval()`` when its stages have dropout.
             generator: draw the sampling noise from this generator (on the model's device)
                 instead of the global one.
 
