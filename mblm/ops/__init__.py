@@ -13,6 +13,13 @@ from mblm.ops._loader import build_info, load_extension
 
 load_extension()
 
-from mblm.ops import attention, conv, patch, scan, ssd  # noqa: E402  (registers fakes and autograd)
+from mblm.ops import (  # noqa: E402  (registers fakes and autograd)
+    attention,
+    conv,
+    decode,
+    patch,
+    scan,
+    ssd,
+)
 
-__all__ = ["attention", "build_info", "conv", "patch", "scan", "ssd"]
+__all__ = ["attention", "build_info", "conv", "decode", "patch", "scan", "ssd"]

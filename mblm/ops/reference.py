@@ -370,3 +370,59 @@ def ssd_chunked_ref(
         Dc = D.to(cdt)
         y = y + (Dc[:, None] if Dc.dim() == 1 else Dc) * xc
     return y.to(x.dtype), s.reshape(batch, heads, headdim, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode family: attention of a few new positions against a key/value cache (cached generation)
+# ---------------------------------------------------------------------------------------------
+
+
+def attn_decode_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lens: Tensor,
+    rows: Tensor | None,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """Appends S new positions to a key/value cache and attends from them (causal).
+
+    q, k, v: (R, S, H, Dh), the new positions' queries, keys and values (k and q un-rotated).
+    k_cache, v_cache: (B, C, H, Dh); query row r uses cache row ``rows[r]`` (``r`` when rows is
+    None, then R == B), which holds ``lens[r]`` earlier positions. cos, sin: (R, S, Dh) half-split
+    rotary tables of the new positions (both None: no rotary).
+
+    Writes ``rotary(k)`` and ``v`` into positions ``lens[r] .. lens[r] + S - 1`` of the cache row
+    (in place, in the cache dtype); query s of row r, at position ``lens[r] + s``, attends to the
+    cached keys ``0 .. lens[r] + s``. Returns (R, S, H, Dh) in q's dtype.
+    """
+    cdt = _compute_dtype(q)
+    num_rows, seq = q.shape[0], q.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    qc, kc = q.to(cdt), k.to(cdt)
+    if cos is not None and sin is not None:
+
+        def rotate(t: Tensor) -> Tensor:
+            a, b = t.chunk(2, dim=-1)
+            c, s = cos.to(cdt)[:, :, None, :], sin.to(cdt)[:, :, None, :]
+            return t * c + torch.cat((-b, a), dim=-1) * s
+
+        qc, kc = rotate(qc), rotate(kc)
+    for r in range(num_rows):
+        row = int(rows[r]) if rows is not None else r
+        start = int(lens[r])
+        k_cache[row, start : start + seq] = kc[r].to(k_cache.dtype)
+        v_cache[row, start : start + seq] = v[r].to(v_cache.dtype)
+        keys = k_cache[row, : start + seq].to(cdt)
+        values = v_cache[row, : start + seq].to(cdt)
+        scores = torch.einsum("shd,jhd->hsj", qc[r], keys) * scale
+        visible = torch.arange(start + seq, device=q.device)[None, :] <= (
+            start + torch.arange(seq, device=q.device)[:, None]
+        )
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[r] = torch.einsum("hsj,jhd->shd", scores.softmax(dim=-1), values).to(q.dtype)
+    return out

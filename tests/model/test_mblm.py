@@ -275,8 +275,9 @@ def test_generate_lengths_as_the_original():
     with ByteStreamer(buffer) as streamer:
         out = model.generate(stream=streamer)
     assert list(buffer.getvalue()) == out.tolist() and len(out) == 48
-    with pytest.raises(ValueError, match="Batch mode not supported"):
-        model.generate(torch.ones(2, 3, dtype=torch.long))
+    # a 2-D prime is a batch now (tests/model/test_generate.py); other ranks are refused
+    with pytest.raises(ValueError, match="prime must be a 1-D tensor"):
+        model.generate(torch.ones(2, 3, 1, dtype=torch.long))
 
 
 def test_generate_greedy_equals_argmax_of_full_forward_and_stops_at_eos():
