@@ -225,7 +225,7 @@ class Mamba2(nn.Module):
             xbc.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, True
         )
         x, b, c = torch.split(xbc.transpose(1, 2), [self.d_inner, gn, gn], dim=-1)
-        dt_bias, softplus = self.dt_bias, True
+        dt_bias, softplus = self.dt_bias.float(), True
         if self.dt_limit != (0.0, float("inf")):
             dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
             dt_bias, softplus = None, False
