@@ -67,6 +67,7 @@ struct BwdContext {
 };
 
 constexpr ScanOrder kStatePass{.step_major = true, .reduce_first = true};
+constexpr int64_t kHalf = kStepBlock / 2;
 
 // Work split of the (p x n) passes within a (b, g [, checkpoint block]) unit: subsets of the
 // group's heads (each with its own gB / gC buffer) times ranges of n tiles.
@@ -175,10 +176,14 @@ void state_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gC, const PnSplit& 
             // term a_{L-1} <gSf, S_{L-2}> (see dt_pass).
             const bool split = c.gsf && t0 + steps == L;
             const int64_t first = split ? steps - 1 : steps;
-            scan_tile<acc_t, kStatePass>(
-                tile, P,
-                operands<acc_t>(xs.data(), P, V.data(), kTileLanes, gys.data(), P,
-                                c.st.pre + sb + t0, acc.data(), first));
+            for (int64_t i0 = 0; i0 < first; i0 += kHalf) {  // halves: U and R stay in L1
+              const int64_t n_i = std::min(kHalf, first - i0);
+              scan_tile<acc_t, kStatePass>(
+                  tile, P,
+                  operands<acc_t>(xs.data() + i0 * P, P, V.data() + i0 * kTileLanes, kTileLanes,
+                                  gys.data() + i0 * P, P, c.st.pre + sb + t0 + i0,
+                                  acc.data() + i0 * kTileLanes, n_i));
+            }
             if (split) {
               const acc_t pre = c.st.pre[sb + L - 1];
               const acc_t scale = pre != acc_t(1) ? pre : c.st.osc[sb + L - 1];  // a lam_{L-2}
