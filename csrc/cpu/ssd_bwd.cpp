@@ -20,12 +20,11 @@
 //     directly (G from the reverse pass, S_{t-1} the checkpoint), so errors add up over at most
 //     kSsdCheckpointSteps steps (as mamba_ssm's chunked backward does).
 //
-// Four passes, each the tile loop of ssd_tile.h ("rows" x lanes):
-//   S pass   (p x n): states recomputed from the checkpoints -> gC, C . (a S^T gy),
-//                     <gSf, S_{L-1}>; parallel over (b, g, checkpoint block, head subset, n tiles)
-//   G pass B (p x n, reverse): gB, g initial_state, the checkpoint anchors <G, S>
-//                     over (b, g, head subset, n tiles)
-//   G pass X (n x p, reverse): gx, x . (a G B), x . gy, gD     over (b, (head, p tile) ranges)
+// Passes (tile loops of ssd_tile.h, "rows" x lanes):
+//   S pass (p x n): the states, recomputed from the checkpoints -> gC, C . (a S^T gy),
+//       a_{L-1} <gSf, S_{L-2}>; parallel over (b, g, checkpoint block, head subset, n tiles)
+//   G pass (p x n, reverse, both reductions of G in one walk) -> gB, gx, x . (a G B), x . gy,
+//       gD, g initial_state, the checkpoint anchors <G, S>; over (b, g, head subset)
 //   dt pass: per (b, h), the reverse running sums (in double) for dt, A and dt_bias.
 // Heads of a group share B and C, so gB and gC sum over heads: each head subset of a task
 // accumulates into its own buffer, summed at the end.
@@ -68,8 +67,7 @@ struct BwdContext {
 };
 
 constexpr ScanOrder kStatePass{.step_major = true, .reduce_first = true};
-constexpr ScanOrder kGradPassB{.reverse = true, .step_major = true};
-constexpr ScanOrder kGradPassX{.reverse = true, .reduce_first = true};
+constexpr int64_t kHalf = kStepBlock / 2;
 
 // Work split of the (p x n) passes within a (b, g [, checkpoint block]) unit: subsets of the
 // group's heads (each with its own gB / gC buffer) times ranges of n tiles.
@@ -178,10 +176,14 @@ void state_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gC, const PnSplit& 
             // term a_{L-1} <gSf, S_{L-2}> (see dt_pass).
             const bool split = c.gsf && t0 + steps == L;
             const int64_t first = split ? steps - 1 : steps;
-            scan_tile<acc_t, kStatePass>(
-                tile, P,
-                operands<acc_t>(xs.data(), P, V.data(), kTileLanes, gys.data(), P,
-                                c.st.pre + sb + t0, acc.data(), first));
+            for (int64_t i0 = 0; i0 < first; i0 += kHalf) {  // halves: U and R stay in L1
+              const int64_t n_i = std::min(kHalf, first - i0);
+              scan_tile<acc_t, kStatePass>(
+                  tile, P,
+                  operands<acc_t>(xs.data() + i0 * P, P, V.data() + i0 * kTileLanes, kTileLanes,
+                                  gys.data() + i0 * P, P, c.st.pre + sb + t0 + i0,
+                                  acc.data() + i0 * kTileLanes, n_i));
+            }
             if (split) {
               const acc_t pre = c.st.pre[sb + L - 1];
               const acc_t scale = pre != acc_t(1) ? pre : c.st.osc[sb + L - 1];  // a lam_{L-2}
@@ -223,57 +225,70 @@ void state_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gC, const PnSplit& 
   });
 }
 
-// G pass B (reverse): gB_t = d_t mu_t acc_t into gB (per head subset); the gradient of the
-// initial state, a_0 mu_0 G~_0, into gS0; at the start t of every checkpoint block c >= 1,
-// a_t <G_t, S_{t-1}> with S_{t-1} the checkpoint into anchor (per n tile, (n_tiles, B H, chunks)).
+// G pass (reverse, tiles p rows x n lanes), both of G's reductions in one walk (scan_tile_dual):
+//   along the rows, after the update: gB_t = d_t mu_t G~_t^T x_t into gB (per head subset);
+//   along the lanes, before the update: mu_t Q_t = a_{t+1} G_{t+1} B_t =: aQ_t, so that
+//     G_t B_t = aQ_t + (C_t . B_t) gy_t, gx_t = d_t G_t B_t + D gy_t into gx, x_t . aQ_t into xaq,
+//     x_t . gy_t into xgy ((B H, L) each) and sum_t gy_t x_t into gD (B, H, P);
+//   the gradient of the initial state, a_0 mu_0 G~_0, into gS0; at the start t of every
+//   checkpoint block c >= 1, a_t <G_t, S_{t-1}> with S_{t-1} the checkpoint into anchor
+//   (per n tile, (n_tiles, B H, chunks)).
+// A task owns every n tile of its heads (the lanes reduction sums over all of them).
 template <typename scalar_t, typename acc_t>
-void grad_pass_b(const BwdContext<scalar_t, acc_t>& c, acc_t* gB, const PnSplit& sp, acc_t* gS0,
-                 acc_t* anchor) {
+void grad_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gB, const PnSplit& sp, acc_t* gS0,
+               acc_t* anchor, scalar_t* gx, acc_t* xaq, acc_t* xgy, acc_t* gD) {
   const Dims& dm = c.dm;
   const int64_t P = dm.headdim, N = dm.dstate, H = dm.heads, L = dm.length;
-  const int64_t units = dm.batch * dm.groups * sp.heads * sp.tiles.count;
+  const acc_t* Dp = c.hp.D_ptr();
+  const int64_t units = dm.batch * dm.groups * sp.heads;
+  constexpr int kQLanes = 1;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tiles(sp.per_heads * sp.tiles.per * P * kTileLanes), xs(kStepBlock * P),
-        gys(kStepBlock * P), V(kStepBlock * kTileLanes), acc(kStepBlock * kTileLanes);
+    std::vector<acc_t> tiles(sp.per_heads * dm.n_tiles * P * kTileLanes), xs(kStepBlock * P),
+        gys(kStepBlock * P), V(kStepBlock * kTileLanes), W(kStepBlock * kTileLanes),
+        acc(kStepBlock * kTileLanes), Q(kStepBlock * P * kQLanes);
+    std::vector<double> gd(sp.per_heads * P);  // sums over L steps
     for (int64_t u = begin; u < end; ++u) {
-      int64_t rest = u;
-      const int64_t r = rest % sp.tiles.count;
-      rest /= sp.tiles.count;
-      const int64_t s = rest % sp.heads;
-      rest /= sp.heads;
-      const int64_t g = rest % dm.groups, b = rest / dm.groups;
+      const int64_t s = u % sp.heads, bg = u / sp.heads;
+      const int64_t g = bg % dm.groups, b = bg / dm.groups;
       PnTiles tl{};
       tl.h0 = g * dm.per_group + s * sp.per_heads;
       tl.h1 = std::min((g + 1) * dm.per_group, tl.h0 + sp.per_heads);
-      tl.nt0 = r * sp.tiles.per;
-      tl.nt1 = std::min(dm.n_tiles, tl.nt0 + sp.tiles.per);
+      tl.nt0 = 0;
+      tl.nt1 = dm.n_tiles;
       tl.P = P;
       acc_t* gBs = gB + s * dm.batch * L * dm.groups * N;
       load_pn_tiles<acc_t>(tiles.data(), tl, N, [&](int64_t h) -> const acc_t* {
         return c.gsf ? c.gsf + (b * H + h) * P * N : nullptr;
       });
+      std::fill(gd.begin(), gd.end(), 0.0);
       for (int64_t blk = dm.blocks - 1; blk >= 0; --blk) {
         const int64_t t0 = blk * kStepBlock, steps = dm.block_steps(blk);
         for (int64_t h = tl.h0; h < tl.h1; ++h) {
-          const int64_t sb = (b * H + h) * L;
+          const int64_t bh = b * H + h, sb = bh * L;
           {  // the rows of the next head (or of the first head of the previous block)
             const int64_t hn = h + 1 < tl.h1 ? h + 1 : tl.h0, bn = h + 1 < tl.h1 ? blk : blk - 1;
             if (bn >= 0) {
               const int64_t tn = bn * kStepBlock, sn = dm.block_steps(bn);
               prefetch_rows(c.gy.row(b, tn, hn), c.gy.s1, sn, P, false);
               prefetch_rows(c.x.row(b, tn, hn), c.x.s1, sn, P, false);
+              prefetch_rows(gx + ((b * L + tn) * H + hn) * P, H * P, sn, P, true);
             }
           }
           copy_head_block(gys.data(), c.gy, b, t0, h, steps, P);
           copy_head_block(xs.data(), c.x, b, t0, h, steps, P);
+          std::fill(Q.begin(), Q.begin() + steps * P * kQLanes, acc_t(0));
           for (int64_t nt = tl.nt0; nt < tl.nt1; ++nt) {
             const int64_t n0 = nt * kTileLanes, nw = std::min(kTileLanes, N - n0);
-            // tile[p][n] += gy_t[p] * C_t[n] / mu_t;  acc_t[n] += x_t[p] tile[p][n]
+            // tile[p][n] += gy_t[p] * C_t[n] / mu_t;  acc_t[n] += x_t[p] tile[p][n] (after);
+            // Q_t[p] += tile[p][n] B_t[n] (before)
             gather_lanes(V.data(), c.C, b, t0, g, steps, n0, nw, c.st.gsc + sb + t0);
-            const auto op = operands<acc_t>(gys.data(), P, V.data(), kTileLanes, xs.data(), P,
-                                            c.st.rpre + sb + t0, acc.data(), steps);
+            gather_lanes<scalar_t, acc_t>(W.data(), c.B, b, t0, g, steps, n0, nw, nullptr);
+            const DualOperands<acc_t> op{
+                operands<acc_t>(gys.data(), P, V.data(), kTileLanes, xs.data(), P,
+                                c.st.rpre + sb + t0, acc.data(), steps),
+                W.data(), kTileLanes, Q.data(), P * kQLanes};
             acc_t* tile = tiles.data() + tl.index(h, nt);
-            scan_tile<acc_t, kGradPassB>(tile, P, op);
+            scan_tile_dual<acc_t>(tile, P, op);
             for (int64_t i = 0; i < steps; ++i) {
               const int64_t t = t0 + i;
               const acc_t scale = c.st.d[sb + t] * c.st.rosc[sb + t];
@@ -282,7 +297,7 @@ void grad_pass_b(const BwdContext<scalar_t, acc_t>& c, acc_t* gB, const PnSplit&
               for (int64_t j = 0; j < nw; ++j) gr[j] += scale * a[j];
             }
             if (t0 > 0 && t0 % kSsdCheckpointSteps == 0) {
-              const int64_t ch = t0 / kSsdCheckpointSteps, bh = b * H + h;
+              const int64_t ch = t0 / kSsdCheckpointSteps;
               const acc_t* S = c.ck + (bh * dm.chunks + ch) * P * N + n0;
               acc_t dot = 0;
               for (int64_t p = 0; p < P; ++p) {
@@ -293,108 +308,44 @@ void grad_pass_b(const BwdContext<scalar_t, acc_t>& c, acc_t* gB, const PnSplit&
                   c.st.a[sb + t0] * c.st.rosc[sb + t0] * dot;
             }
           }
+          double* gdh = gd.data() + (h - tl.h0) * P;
+          const acc_t* dr = Dp ? Dp + h * P : nullptr;
+          for (int64_t i = 0; i < steps; ++i) {
+            const int64_t t = t0 + i;
+            const acc_t mu = c.st.rosc[sb + t], d = c.st.d[sb + t];
+            const acc_t cb = c.cb[(b * dm.groups + g) * L + t];
+            const acc_t* xr = xs.data() + i * P;
+            const acc_t* gr = gys.data() + i * P;
+            acc_t* q = Q.data() + i * P * kQLanes;
+            scalar_t* out = gx + ((b * L + t) * H + h) * P;
+            acc_t dot_q = 0, dot_g = 0;
+            // reductions: vectorized only when allowed to reassociate
+#pragma omp simd reduction(+ : dot_q, dot_g)
+            for (int64_t p = 0; p < P; ++p) {
+              const acc_t aq = mu * q[p];
+              const acc_t gb = aq + cb * gr[p];
+              out[p] = static_cast<scalar_t>(dr ? d * gb + dr[p] * gr[p] : d * gb);
+              dot_q += xr[p] * aq;
+              dot_g += xr[p] * gr[p];
+              gdh[p] += static_cast<double>(gr[p]) * static_cast<double>(xr[p]);
+            }
+            xaq[bh * L + t] = dot_q;
+            xgy[bh * L + t] = dot_g;
+          }
         }
       }
       for (int64_t h = tl.h0; h < tl.h1; ++h) {
-        const int64_t sb = (b * H + h) * L;
+        const int64_t bh = b * H + h, sb = bh * L;
         const acc_t scale = L > 0 ? c.st.a[sb] * c.st.rosc[sb] : acc_t(1);
-        acc_t* out = gS0 + (b * H + h) * P * N;
+        acc_t* out = gS0 + bh * P * N;
         for (int64_t nt = tl.nt0; nt < tl.nt1; ++nt) {
           const acc_t* tile = tiles.data() + tl.index(h, nt);
           const int64_t n0 = nt * kTileLanes, nw = std::min(kTileLanes, N - n0);
           for (int64_t p = 0; p < P; ++p)
             for (int64_t j = 0; j < nw; ++j) out[p * N + n0 + j] = scale * tile[p * kTileLanes + j];
         }
-      }
-    }
-  });
-}
-
-// G pass X (reverse, tiles n rows x p lanes). The reduction reads the tile before the step's
-// update: mu_t acc_t = a_{t+1} G_{t+1} B_t =: aQ_t, and G_t B_t = aQ_t + (C_t . B_t) gy_t.
-// gx_t = d_t G_t B_t + D gy_t into gx; x_t . aQ_t into xaq and x_t . gy_t into xgy (per p tile,
-// (p_tiles, B H, L)); sum_t gy_t x_t into gD (B, H, P).
-template <typename scalar_t, typename acc_t>
-void grad_pass_x(const BwdContext<scalar_t, acc_t>& c, scalar_t* gx, acc_t* xaq, acc_t* xgy,
-                 acc_t* gD) {
-  const Dims& dm = c.dm;
-  const int64_t P = dm.headdim, N = dm.dstate, H = dm.heads, L = dm.length, BH = dm.batch * H;
-  const int64_t TN = N * kTileLanes, TL = kStepBlock * kTileLanes;
-  const acc_t* Dp = c.hp.D_ptr();
-  const Ranges rg = split_ranges(H * dm.p_tiles, dm.batch);
-  at::parallel_for(0, dm.batch * rg.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tiles(rg.per * TN), V(TL), acc(TL);
-    std::vector<double> gd(rg.per * kTileLanes);  // sums over L steps
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / rg.count, k0 = (task % rg.count) * rg.per;
-      const int64_t k1 = std::min(H * dm.p_tiles, k0 + rg.per);
-      std::fill(tiles.begin(), tiles.end(), acc_t(0));
-      std::fill(gd.begin(), gd.end(), 0.0);
-      if (c.gsf) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t h = k / dm.p_tiles, p0 = (k % dm.p_tiles) * kTileLanes;
-          const int64_t pw = std::min(kTileLanes, P - p0);
-          const acc_t* gs = c.gsf + (b * H + h) * P * N;
-          acc_t* tile = tiles.data() + (k - k0) * TN;
-          for (int64_t j = 0; j < pw; ++j)
-            for (int64_t n = 0; n < N; ++n) tile[n * kTileLanes + j] = gs[(p0 + j) * N + n];
-        }
-      }
-      for (int64_t blk = dm.blocks - 1; blk >= 0; --blk) {
-        const int64_t t0 = blk * kStepBlock, steps = dm.block_steps(blk);
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t h = k / dm.p_tiles, pt = k % dm.p_tiles, p0 = pt * kTileLanes;
-          const int64_t pw = std::min(kTileLanes, P - p0);
-          {  // the rows of the next tile (or of the first tile of the previous block)
-            const int64_t kn = k + 1 < k1 ? k + 1 : k0, bn = k + 1 < k1 ? blk : blk - 1;
-            if (bn >= 0) {
-              const int64_t hn = kn / dm.p_tiles, pn = (kn % dm.p_tiles) * kTileLanes;
-              const int64_t tn = bn * kStepBlock, sn = dm.block_steps(bn);
-              const int64_t wn = std::min(kTileLanes, P - pn);
-              prefetch_rows(c.gy.row(b, tn, hn) + pn, c.gy.s1, sn, wn, false);
-              prefetch_rows(c.x.row(b, tn, hn) + pn, c.x.s1, sn, wn, false);
-              prefetch_rows(gx + ((b * L + tn) * H + hn) * P + pn, H * P, sn, wn, true);
-            }
-          }
-          const int64_t g = h / dm.per_group, bh = b * H + h, sb = bh * L;
-          // tile[n][p] += C_t[n] * gy_t[p] / mu_t;  acc_t[p] += B_t[n] tile[n][p]
-          gather_lanes(V.data(), c.gy, b, t0, h, steps, p0, pw, c.st.gsc + sb + t0);
-          const auto op = operands<acc_t>(c.Cop.blk(dm, b, g, blk), kStepBlock, V.data(),
-                                          kTileLanes, c.Bop.blk(dm, b, g, blk), kStepBlock,
-                                          c.st.rpre + sb + t0, acc.data(), steps);
-          scan_tile<acc_t, kGradPassX>(tiles.data() + (k - k0) * TN, N, op);
-          double* gdk = gd.data() + (k - k0) * kTileLanes;
-          const acc_t* dr = Dp ? Dp + h * P + p0 : nullptr;
-          for (int64_t i = 0; i < steps; ++i) {
-            const int64_t t = t0 + i;
-            const scalar_t* xr = c.x.row(b, t, h) + p0;
-            const scalar_t* gr = c.gy.row(b, t, h) + p0;
-            scalar_t* out = gx + ((b * L + t) * H + h) * P + p0;
-            const acc_t mu = c.st.rosc[sb + t], d = c.st.d[sb + t];
-            const acc_t cb = c.cb[(b * dm.groups + g) * L + t];
-            const acc_t* a = acc.data() + i * kTileLanes;
-            acc_t dot_q = 0, dot_g = 0;
-#pragma omp simd reduction(+ : dot_q, dot_g)
-            for (int64_t j = 0; j < pw; ++j) {
-              const acc_t xv = static_cast<acc_t>(xr[j]), gv = static_cast<acc_t>(gr[j]);
-              const acc_t aq = mu * a[j];
-              const acc_t gb = aq + cb * gv;
-              out[j] = static_cast<scalar_t>(dr ? d * gb + dr[j] * gv : d * gb);
-              dot_q += xv * aq;
-              dot_g += xv * gv;
-              gdk[j] += static_cast<double>(gv) * static_cast<double>(xv);
-            }
-            xaq[(pt * BH + bh) * L + t] = dot_q;
-            xgy[(pt * BH + bh) * L + t] = dot_g;
-          }
-        }
-      }
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t h = k / dm.p_tiles, p0 = (k % dm.p_tiles) * kTileLanes;
-        const int64_t pw = std::min(kTileLanes, P - p0);
-        for (int64_t j = 0; j < pw; ++j) {
-          gD[(b * H + h) * P + p0 + j] = static_cast<acc_t>(gd[(k - k0) * kTileLanes + j]);
-        }
+        for (int64_t p = 0; p < P; ++p)
+          gD[bh * P + p] = static_cast<acc_t>(gd[(h - tl.h0) * P + p]);
       }
     }
   });
@@ -428,10 +379,8 @@ void dt_pass(const Dims& dm, const HeadParams<acc_t>& hp, bool softplus_dt,
         }
         double c_ar = 0, x_aq = 0, x_gy = 0;
         for (int64_t nt = 0; nt < dm.n_tiles; ++nt) c_ar += cgc[(nt * BH + bh) * L + t];
-        for (int64_t pt = 0; pt < dm.p_tiles; ++pt) {
-          x_aq += xaq[(pt * BH + bh) * L + t];
-          x_gy += xgy[(pt * BH + bh) * L + t];
-        }
+        x_aq = xaq[bh * L + t];
+        x_gy = xgy[bh * L + t];
         const double d = st.d[sb + t];
         // at L - 1, aQ holds gSf B, whose term is already in fin: a_{L-1} <gSf, S_{L-2}>
         run += t == L - 1 ? c_ar : c_ar - d * x_aq;
@@ -546,19 +495,17 @@ SsdGrads ssd_bwd_cpu(const at::Tensor& grad_y_in, const std::optional<at::Tensor
                      grad_C.data_ptr<scalar_t>());
       gC_acc.reset();
 
+      // the G pass owns all n tiles of a head: split over head subsets only
       const PnSplit b_split = pn_split(dm, dm.batch * dm.groups);
       at::Tensor gB_acc = at::zeros({b_split.heads, dm.batch, L, dm.groups, dm.dstate}, opts);
       at::Tensor anchor = at::zeros({dm.n_tiles, BH, dm.chunks}, opts);
-      grad_pass_b(ctx, gB_acc.data_ptr<acc_t>(), b_split, gS0.data_ptr<acc_t>(),
-                  anchor.data_ptr<acc_t>());
+      at::Tensor xaq = at::empty({BH, L}, opts), xgy = at::empty({BH, L}, opts);
+      grad_pass(ctx, gB_acc.data_ptr<acc_t>(), b_split, gS0.data_ptr<acc_t>(),
+                anchor.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), xaq.data_ptr<acc_t>(),
+                xgy.data_ptr<acc_t>(), gD_bhp.data_ptr<acc_t>());
       reduce_subsets(gB_acc.const_data_ptr<acc_t>(), b_split.heads, dm,
                      grad_B.data_ptr<scalar_t>());
       gB_acc.reset();
-
-      at::Tensor xaq = at::empty({dm.p_tiles, BH, L}, opts);
-      at::Tensor xgy = at::empty({dm.p_tiles, BH, L}, opts);
-      grad_pass_x(ctx, grad_x.data_ptr<scalar_t>(), xaq.data_ptr<acc_t>(), xgy.data_ptr<acc_t>(),
-                  gD_bhp.data_ptr<acc_t>());
 
       dt_pass(dm, hp, dt_softplus, tab.t, cb.const_data_ptr<acc_t>(), cgc.const_data_ptr<acc_t>(),
               xaq.const_data_ptr<acc_t>(), xgy.const_data_ptr<acc_t>(), fin.const_data_ptr<acc_t>(),

@@ -169,15 +169,16 @@ inline void copy_head_block(acc_t* dst, const Strided4<scalar_t>& src, int64_t b
   }
 }
 
-// V[i][j] = scale[i] * src[b, t0 + i, k, c0 + j] for the tile's lanes, 0 beyond `width`
-// (the lane operand of a pass).
+// V[i][j] = scale[i] * src[b, t0 + i, k, c0 + j] (scale null: 1) for the tile's lanes, 0 beyond
+// `width` (the lane operand of a pass).
 template <typename scalar_t, typename acc_t>
 inline void gather_lanes(acc_t* V, const Strided4<scalar_t>& src, int64_t b, int64_t t0, int64_t k,
                          int64_t steps, int64_t c0, int64_t width, const acc_t* scale) {
   for (int64_t i = 0; i < steps; ++i) {
     const scalar_t* r = src.row(b, t0 + i, k) + c0;
     acc_t* v = V + i * kTileLanes;
-    for (int64_t j = 0; j < width; ++j) v[j] = scale[i] * static_cast<acc_t>(r[j]);
+    const acc_t sc = scale ? scale[i] : acc_t(1);
+    for (int64_t j = 0; j < width; ++j) v[j] = sc * static_cast<acc_t>(r[j]);
     for (int64_t j = width; j < kTileLanes; ++j) v[j] = acc_t(0);
   }
 }

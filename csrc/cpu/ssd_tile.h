@@ -4,19 +4,20 @@
 // A pass keeps a (rows x kTileLanes) slice of a (P x N) state matrix, "rows" being one of the two
 // dimensions and the lanes a 16-wide block of the other. Per time step i it does
 //
-//     tile *= pre[i]                    only where pre[i] != 1 (a rescaling restart, see ssd.cpp)
+//     tile *= pre[i]                    only where pre[i] != 1 (a rescaling restart, ssd_steps.h)
 //     tile[r] += U[r][i] * V[i]         rank-1 update: row coefficients times the lane vector
 //     acc[i]  += sum_r R[r][i] * tile[r]   reduction over the rows, into a lanes vector
 //
-// The four passes of the forward and backward scans are this one loop with different operands
-// (see ssd.cpp). U and R are (rows x steps) matrices in one of two layouts: "row-major" (element
-// (r, i) at r * ld + i: a register block of rows reads contiguous streams; the (n x p) passes,
-// whose coefficients B and C are re-laid out once per group) or "step-major" (element (r, i) at
-// i * ld + r: the inputs x and gy read in place, the (p x n) passes). V and acc are
-// (steps x kTileLanes).
+// The forward and the backward's state pass are this loop with different operands; the
+// backward's G pass adds a second reduction and walks backwards (scan_tile_dual). U and R are
+// (rows x steps) matrices in one of two layouts: "row-major" (element (r, i) at r * ld + i: a
+// register block of rows reads contiguous streams; the forward's rows are n, and B and C are
+// re-laid out once per group) or "step-major" (element (r, i) at i * ld + r: blocks of x and gy
+// copied as they are, the backward's rows are p). V and acc are (steps x kTileLanes).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -44,7 +45,17 @@ struct Vec<float> {
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
 };
+
+// The lane sums of four vectors, added to out[0..3].
+inline void add_lane_sums4(const Vec<float> (&v)[4], float* out) {
+  const __m256 h01 = _mm256_hadd_ps(v[0].v, v[1].v);
+  const __m256 h23 = _mm256_hadd_ps(v[2].v, v[3].v);
+  const __m256 h = _mm256_hadd_ps(h01, h23);
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), s));
+}
 
 template <>
 struct Vec<double> {
@@ -55,6 +66,7 @@ struct Vec<double> {
   void store(double* p) const { _mm256_storeu_pd(p, v); }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
   friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
 };
 
 #else
@@ -85,9 +97,31 @@ struct Vec {
     for (int i = 0; i < kWidth; ++i) a.v[i] *= b.v[i];
     return a;
   }
+  friend Vec operator+(Vec a, Vec b) {
+    for (int i = 0; i < kWidth; ++i) a.v[i] += b.v[i];
+    return a;
+  }
 };
 
 #endif
+
+// The lane sums of kRows vectors, added to out[0..kRows).
+template <typename T, int kRows>
+inline void add_lane_sums(const Vec<T> (&v)[kRows], T* out) {
+#if MBLM_SSD_AVX2
+  if constexpr (std::is_same_v<T, float> && kRows == 4) {
+    add_lane_sums4(v, out);
+    return;
+  }
+#endif
+  for (int r = 0; r < kRows; ++r) {
+    T lanes[Vec<T>::kWidth];
+    v[r].store(lanes);
+    T sum = 0;
+    for (int i = 0; i < Vec<T>::kWidth; ++i) sum += lanes[i];
+    out[r] += sum;
+  }
+}
 
 // Operands of one pass over one block of steps (pointers to the block's first step).
 template <typename T>
@@ -103,11 +137,9 @@ struct TileOperands {
   int64_t steps;
 };
 
-// How a pass walks a block: in time order or reversed (the backward's G passes walk from the
-// last step to the first), which layout U and R have, and whether the reduction reads the tile
+// How a pass reads a block: which layout U and R have, and whether the reduction reads the tile
 // before the step's update instead of after it (the backward's log-decay terms, ssd_bwd.cpp).
 struct ScanOrder {
-  bool reverse = false;
   bool step_major = false;
   bool reduce_first = false;
 };
@@ -132,8 +164,7 @@ inline void scan_rows(T* tile, const T* U, const T* R, const TileOperands<T>& op
     }
     for (int k = 0; k < K; ++k) aa[k].store(a + k * V::kWidth);
   };
-  for (int64_t s = 0; s < op.steps; ++s) {
-    const int64_t i = kOrder.reverse ? op.steps - 1 - s : s;
+  for (int64_t i = 0; i < op.steps; ++i) {
     const T pre = op.pre[i];
     if (pre != T(1)) {
       const V p = V::broadcast(pre);
@@ -171,6 +202,80 @@ void scan_tile(T* tile, int64_t rows, const TileOperands<T>& op) {
   }
   for (; r < rows; ++r) {
     scan_rows<T, 1, kOrder>(tile + r * kTileLanes, op.U + r * u_row, op.R + r * r_row, op);
+  }
+}
+
+// The backward's G pass with both of its reductions in one walk (csrc/cpu/ssd_bwd.cpp): reverse,
+// step-major U and R, the lanes reduction into acc after the update as scan_rows, and before the
+// update also a reduction along the lanes, sum_j tile[r][j] W[i][j] (W: steps x kTileLanes with
+// row stride ldw), kept as Vec<T>::kWidth partial sums per row: Q[i][r][l] += sum over j = l
+// (mod kWidth) (Q: steps x rows x kWidth, step stride ldq), summed by the caller once every tile
+// of the row has been through (lane_sums), not once per tile.
+template <typename T>
+struct DualOperands {
+  TileOperands<T> op;
+  const T* W;
+  int64_t ldw;
+  T* Q;
+  int64_t ldq;
+};
+
+template <typename T, int kRows>
+inline void scan_rows_dual(T* tile, const T* U, const T* R, T* Q, const DualOperands<T>& d) {
+  const TileOperands<T>& op = d.op;
+  using V = Vec<T>;
+  constexpr int K = kTileLanes / V::kWidth;
+  V t[kRows][K];
+  for (int r = 0; r < kRows; ++r)
+    for (int k = 0; k < K; ++k) t[r][k] = V::load(tile + r * kTileLanes + k * V::kWidth);
+  for (int64_t s = 0; s < op.steps; ++s) {
+    const int64_t i = op.steps - 1 - s;
+    const T pre = op.pre[i];
+    if (pre != T(1)) {
+      const V p = V::broadcast(pre);
+      for (int r = 0; r < kRows; ++r)
+        for (int k = 0; k < K; ++k) t[r][k] = t[r][k] * p;
+    }
+    {
+      const T* w = d.W + i * d.ldw;
+      V wv[K];
+      for (int k = 0; k < K; ++k) wv[k] = V::load(w + k * V::kWidth);
+      V rows[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        rows[r] = t[r][0] * wv[0];
+        for (int k = 1; k < K; ++k) rows[r] = fmadd(t[r][k], wv[k], rows[r]);
+      }
+      add_lane_sums<T, kRows>(rows, Q + i * d.ldq);
+    }
+    const T* v = op.V + i * op.ldv;
+    V vv[K];
+    for (int k = 0; k < K; ++k) vv[k] = V::load(v + k * V::kWidth);
+    for (int r = 0; r < kRows; ++r) {
+      const V u = V::broadcast(U[r + i * op.ldu]);
+      for (int k = 0; k < K; ++k) t[r][k] = fmadd(u, vv[k], t[r][k]);
+    }
+    T* a = op.acc + i * kTileLanes;
+    V aa[K];
+    for (int k = 0; k < K; ++k) aa[k] = V::load(a + k * V::kWidth);
+    for (int r = 0; r < kRows; ++r) {
+      const V c = V::broadcast(R[r + i * op.ldr]);
+      for (int k = 0; k < K; ++k) aa[k] = fmadd(c, t[r][k], aa[k]);
+    }
+    for (int k = 0; k < K; ++k) aa[k].store(a + k * V::kWidth);
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int k = 0; k < K; ++k) t[r][k].store(tile + r * kTileLanes + k * V::kWidth);
+}
+
+template <typename T>
+void scan_tile_dual(T* tile, int64_t rows, const DualOperands<T>& d) {
+  constexpr int RB = kRowBlock<T>;
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB) {
+    scan_rows_dual<T, RB>(tile + r * kTileLanes, d.op.U + r, d.op.R + r, d.Q + r, d);
+  }
+  for (; r < rows; ++r) {
+    scan_rows_dual<T, 1>(tile + r * kTileLanes, d.op.U + r, d.op.R + r, d.Q + r, d);
   }
 }
 
