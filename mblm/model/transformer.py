@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend
 
 from mblm.model.block import StageBlock
 from mblm.ops.attention import attention
+from mblm.ops.norm import rms_norm, rms_norm_kernel_ok
 
 RotaryArg = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
@@ -146,7 +147,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
 class RMSNorm(nn.Module):
     """MEGABYTE's RMSNorm: ``x / max(||x||_2 / sqrt(dim), eps) * g`` (eps clamps the RMS).
-    ``shift=True`` normalises ``token_shift(x)`` instead, fused so that backward keeps no copy."""
+    ``shift=True`` normalises ``token_shift(x)`` instead, fused so that backward keeps no copy.
+    Runs the ``mblm.ops.rms_norm`` kernel; x of another dtype than g (autocast) takes the
+    PyTorch path, whose result is in the promoted dtype as the original's."""
 
     def __init__(self, dim: int, eps: float = 1e-8) -> None:
         super().__init__()
@@ -155,6 +158,8 @@ class RMSNorm(nn.Module):
         self.g = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, shift: bool = False) -> torch.Tensor:
+        if rms_norm_kernel_ok(x, self.g) and (x.dim() >= 2 or not shift):
+            return rms_norm(x, self.g, scale=self.scale, eps=self.eps, shift=shift)
         if torch.is_grad_enabled() and (x.requires_grad or self.g.requires_grad):
             return _RMSNormFunction.apply(x, self.g, self.scale, self.eps, shift)
         u = token_shift(x) if shift else x

@@ -122,6 +122,38 @@ def attention_ref(
 
 
 # ---------------------------------------------------------------------------------------------
+# norm family: MEGABYTE's RMSNorm, optionally over the token-shifted input
+# ---------------------------------------------------------------------------------------------
+
+
+def token_shift_ref(x: Tensor) -> Tensor:
+    """RWKV's token shift as MEGABYTE applies it: of the last axis split by ``chunk(2)`` (the
+    first ceil(D / 2) features kept), the second part moves one position down axis -2; position
+    0 of that part becomes zero. x: (..., S, D)."""
+    keep = (x.shape[-1] + 1) // 2
+    shifted = torch.nn.functional.pad(x[..., :-1, keep:], (0, 0, 1, 0))
+    return torch.cat((x[..., :keep], shifted), dim=-1)
+
+
+def rms_norm_ref(
+    x: Tensor, g: Tensor, scale: float, eps: float, shift: bool
+) -> tuple[Tensor, Tensor]:
+    """MEGABYTE's RMSNorm (the RMS is clamped, not eps-added), optionally of ``token_shift(x)``.
+
+    x: (..., D) ((..., S, D) with shift); g: (D,). With u = token_shift(x) if shift else x:
+    ``rms = scale * ||u||_2`` over the last axis and ``y = u / max(rms, eps) * g``.
+    Returns y in x's dtype and rms (x.shape[:-1], unclamped) in float32 (float64 for float64).
+    """
+    cdt = _compute_dtype(x)
+    u = x.to(cdt)
+    if shift:
+        u = token_shift_ref(u)
+    rms = torch.linalg.vector_norm(u, dim=-1) * scale
+    y = u / rms.clamp(min=eps)[..., None] * g.to(cdt)
+    return y.to(x.dtype), rms
+
+
+# ---------------------------------------------------------------------------------------------
 # conv / scan / ssd families: the Mamba primitives (causal depthwise conv1d, Mamba1 selective
 # scan, Mamba2 state-space-dual scan). All three return the state needed to continue the sequence
 # later, so that running a sequence in pieces (or one step at a time) equals one full run.
