@@ -167,6 +167,32 @@ class RMSNorm(nn.Module):
         return u / norm.clamp(min=self.eps) * self.g
 
 
+class _GeluLinearFunction(torch.autograd.Function):
+    """``linear(gelu(h), weight, bias)`` that keeps only h (not the GELU output) for backward and
+    recomputes the GELU there, without re-running the matmul as checkpointing would."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        rows_out = grad_out.reshape(-1, grad_out.shape[-1])
+        rows_h = h.reshape(-1, h.shape[-1])
+        need_h, need_w, need_b = ctx.needs_input_grad
+        grad_h = grad_w = grad_b = None
+        if need_w:
+            grad_w = rows_out.t().mm(F.gelu(rows_h))
+        if need_b and ctx.has_bias:
+            grad_b = rows_out.sum(0)
+        if need_h:
+            grad_h = torch.ops.aten.gelu_backward(rows_out.mm(weight), rows_h).view(h.shape)
+        return grad_h, grad_w, grad_b
+
+
 class _FeedForward(nn.Sequential):
     """``Sequential(RMSNorm, Linear, GELU, Dropout, Linear)`` (MEGABYTE's indices and keys) whose
     forward takes the token-shift flag and, when training without dropout, recomputes the GELU in
@@ -176,6 +202,13 @@ class _FeedForward(nn.Sequential):
         norm, up, act, drop, down = self
         h = up(norm(x, shift=shift))
         if torch.is_grad_enabled() and h.requires_grad and (drop.p == 0 or not self.training):
+            if (
+                type(act) is nn.GELU
+                and act.approximate == "none"
+                and type(down) is nn.Linear
+                and not torch.is_autocast_enabled(h.device.type)
+            ):
+                return _GeluLinearFunction.apply(h, down.weight, down.bias)
             return torch.utils.checkpoint.checkpoint(
                 lambda t: down(drop(act(t))), h, use_reentrant=False
             )
