@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 
 from mblm.model.block import StageBlock
-from mblm.ops.attention import attention
+from mblm.ops.attention import attention, attention_kv
 from mblm.ops.norm import rms_norm, rms_norm_kernel_ok
 
 RotaryArg = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
@@ -275,6 +275,26 @@ class Attend(nn.Module):
             training=self.training,
         )
 
+    def attend_packed_kv(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``attend_heads_last`` with k and v packed as kv (N, S, 2, H, Dh): kv's gradient comes
+        as one tensor (no concatenation for the ``to_kv`` projection)."""
+        cos, sin = rotary if rotary is not None else (None, None)
+        return attention_kv(
+            q,
+            kv,
+            causal=self.causal,
+            scale=q.shape[-1] ** -0.5,
+            cos=cos,
+            sin=sin,
+            dropout_p=self.dropout,
+            training=self.training,
+        )
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -371,8 +391,10 @@ class Attention(nn.Module):
         precomputed (cos, sin) tables; shift: attend over ``token_shift(x)`` (fused into the
         norm). Returns (N, S, D)."""
         x = self.norm(x, shift=shift)
-        q, k, v = self._qkv(x)
-        out = self.attend.attend_heads_last(q, k, v, _rotary_tables(rotary_emb, q.dtype))
+        h = self.heads
+        q = self.to_q(x).unflatten(-1, (h, -1))
+        kv = self.to_kv(x).unflatten(-1, (2, h, -1))  # [k | v], as chunk(2) splits it
+        out = self.attend.attend_packed_kv(q, kv, _rotary_tables(rotary_emb, q.dtype))
         return self.to_out(out.flatten(-2))
 
 
