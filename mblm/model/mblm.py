@@ -35,6 +35,7 @@ from mblm.model.config import (
 )
 from mblm.model.multi_stage_token_embedding import MultiStageTokenEmbedding
 from mblm.model.utils import Rearrange, RoPE, gumbel_sample, top_k
+from mblm.ops.loss import cross_entropy, cross_entropy_kernel_ok
 from mblm.ops.patch import patch_pad, patch_unpatch, stage_input
 from mblm.utils.stream import ByteStreamer
 
@@ -514,13 +515,14 @@ class MBLM(_HierarchyMixin):
         self, preds: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None
     ) -> torch.Tensor:
         batch, length, vocab = preds.shape
-        ce = F.cross_entropy(
-            preds.reshape(batch * length, vocab),
-            targets.reshape(-1).long(),
-            ignore_index=self.pad_token_id,
-            reduction="none",
-        ).view(batch, length)
-        return _masked_mean_loss(ce, loss_mask)
+        rows, row_targets = preds.reshape(batch * length, vocab), targets.reshape(-1).long()
+        if cross_entropy_kernel_ok(rows) and not torch.is_autocast_enabled(rows.device.type):
+            ce = cross_entropy(rows, row_targets, self.pad_token_id)
+        else:
+            ce = F.cross_entropy(
+                rows, row_targets, ignore_index=self.pad_token_id, reduction="none"
+            )
+        return _masked_mean_loss(ce.view(batch, length), loss_mask)
 
     @torch.inference_mode()
     def generate(

@@ -154,6 +154,25 @@ def rms_norm_ref(
 
 
 # ---------------------------------------------------------------------------------------------
+# loss family: per-row cross entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_entropy_ref(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per-row cross entropy (``F.cross_entropy(..., reduction="none")``) and its log-sum-exp.
+
+    logits: (R, V); target: (R,) int64 in [0, V) or ``ignore_index`` (loss 0, no gradient).
+    Returns loss (R,) in logits' dtype and lse (R,) float32 (float64 for float64 logits).
+    """
+    lc = logits.to(_compute_dtype(logits))
+    lse = torch.logsumexp(lc, dim=-1)
+    ignored = target == ignore_index
+    picked = lc.gather(1, target.masked_fill(ignored, 0)[:, None])[:, 0]
+    loss = torch.where(ignored, torch.zeros_like(lse), lse - picked)
+    return loss.to(logits.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------
 # conv / scan / ssd families: the Mamba primitives (causal depthwise conv1d, Mamba1 selective
 # scan, Mamba2 state-space-dual scan). All three return the state needed to continue the sequence
 # later, so that running a sequence in pieces (or one step at a time) equals one full run.
