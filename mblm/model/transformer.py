@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend
 
 from mblm.model.block import StageBlock
 from mblm.ops.attention import attention, attention_kv
+from mblm.ops.gelu import gelu_bwd, gelu_kernel_ok
 from mblm.ops.norm import rms_norm, rms_norm_kernel_ok
 
 RotaryArg = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
@@ -183,13 +184,19 @@ class _GeluLinearFunction(torch.autograd.Function):
         rows_out = grad_out.reshape(-1, grad_out.shape[-1])
         rows_h = h.reshape(-1, h.shape[-1])
         need_h, need_w, need_b = ctx.needs_input_grad
-        grad_h = grad_w = grad_b = None
+        grad_h = grad_w = grad_b = act = None
+        if need_h:
+            grad_act = rows_out.mm(weight)
+            if gelu_kernel_ok(rows_h):
+                # one pass: the gradient and the recomputed GELU output
+                grad_h, act = gelu_bwd(grad_act, rows_h)
+            else:
+                grad_h = torch.ops.aten.gelu_backward(grad_act, rows_h)
+            grad_h = grad_h.view(h.shape)
         if need_w:
-            grad_w = rows_out.t().mm(F.gelu(rows_h))
+            grad_w = rows_out.t().mm(F.gelu(rows_h) if act is None else act)
         if need_b and ctx.has_bias:
             grad_b = rows_out.sum(0)
-        if need_h:
-            grad_h = torch.ops.aten.gelu_backward(rows_out.mm(weight), rows_h).view(h.shape)
         return grad_h, grad_w, grad_b
 
 

@@ -13,6 +13,6 @@ from mblm.ops._loader import build_info, load_extension
 
 load_extension()
 
-from mblm.ops import attention, loss, norm, patch  # noqa: E402  (registers fakes and autograd)
+from mblm.ops import attention, gelu, loss, norm, patch  # noqa: E402  (registers fakes and autograd)
 
-__all__ = ["attention", "build_info", "loss", "norm", "patch"]
+__all__ = ["attention", "build_info", "gelu", "loss", "norm", "patch"]

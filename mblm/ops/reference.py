@@ -173,6 +173,21 @@ def cross_entropy_ref(logits: Tensor, target: Tensor, ignore_index: int) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------
+# gelu family: the backward of an (exact, erf-based) GELU that recomputes its output
+# ---------------------------------------------------------------------------------------------
+
+
+def gelu_bwd_ref(grad_act: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Given h and the gradient of ``act = gelu(h)``: (grad_h, act), both in h's dtype.
+    ``grad_h = grad_act * (Phi(h) + h * phi(h))``, ``act = h * Phi(h)``."""
+    cdt = _compute_dtype(h)
+    hc, gc = h.to(cdt), grad_act.to(cdt)
+    act = torch.nn.functional.gelu(hc)
+    grad_h = torch.ops.aten.gelu_backward(gc, hc)
+    return grad_h.to(h.dtype), act.to(h.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # conv / scan / ssd families: the Mamba primitives (causal depthwise conv1d, Mamba1 selective
 # scan, Mamba2 state-space-dual scan). All three return the state needed to continue the sequence
 # later, so that running a sequence in pieces (or one step at a time) equals one full run.
