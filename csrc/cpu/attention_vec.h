@@ -1,7 +1,8 @@
 // Small SIMD helpers of the CPU attention kernels: a fixed-width vector type (AVX2+FMA when the
 // build targets it, a plain array the compiler vectorizes otherwise), a vectorized exp, and the
 // register-blocked GEMM micro-kernel that every product in attention (Q.K^T, P.V and the five
-// products of the backward) goes through.
+// products of the backward) goes through. The vector type, exp and the row conversions are also
+// used by the norm, loss and GELU kernels.
 #pragma once
 
 #include <c10/util/BFloat16.h>
