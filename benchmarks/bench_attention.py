@@ -5,8 +5,9 @@ Usage: python benchmarks/bench_attention.py [--quick] [--device cpu|cuda] [--dty
 What is timed, for both sides, is what a MEGABYTE stage does around attention, starting from
 the outputs of the ``to_q`` linear (N, S, H*Dh) and the ``to_kv`` linear (N, S, 2*H*Dh), both
 requiring grad:
-- mblm: q, k, v are views of those tensors (k and v the two halves of to_kv's output), then
-  ``mblm.ops.attention.attention`` (rotary fused when enabled), then a view back to
+- mblm: q and the packed kv (N, S, 2, H, Dh) are views of those tensors, then
+  ``mblm.ops.attention.attention_kv`` (rotary fused when enabled; the gradient of to_kv's output
+  is written packed, no concatenation), as the model's Attention calls it, then a view back to
   (N, S, H*Dh).
 - peer: the same views transposed to SDPA's (N, H, S, Dh) layout (free), rotary (when enabled)
   as PyTorch element-wise ops on q and k (as MEGABYTE applies it), ``F.scaled_dot_product_attention``
@@ -35,7 +36,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # the checkout, un
 
 import _common  # noqa: E402
 
-from mblm.ops.attention import attention  # noqa: E402
+from mblm.ops.attention import attention_kv  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +119,9 @@ def make_fns(case: Case, device: torch.device, dtype: torch.dtype):
         return xq.view(n, s, h, d), k.view(n, s, h, d), v.view(n, s, h, d)
 
     def mblm_fwd() -> torch.Tensor:
-        q, k, v = views()
-        return attention(q, k, v, causal=case.causal, cos=cos, sin=sin).reshape(n, s, h * d)
+        # the model's call: k and v packed as to_kv's output, whose gradient then needs no concat
+        q, kv = xq.view(n, s, h, d), xkv.view(n, s, 2, h, d)
+        return attention_kv(q, kv, causal=case.causal, cos=cos, sin=sin).reshape(n, s, h * d)
 
     def peer_fwd() -> torch.Tensor:
         q, k, v = views()

@@ -807,19 +807,14 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd_cpu(const at::Tensor& q, const at::T
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cos,
-    const std::optional<at::Tensor>& sin, bool causal, double scale) {
-  check_attn_bwd_args(grad_out, q, k, v, out, lse, cos, sin);
-  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  auto grad_q = at::empty(q.sizes(), opts);
-  auto grad_k = at::empty(q.sizes(), opts);
-  auto grad_v = at::empty(q.sizes(), opts);
-  if (lse.numel() == 0) return {grad_q, grad_k, grad_v};
-  advise_huge_pages(grad_q);
-  advise_huge_pages(grad_k);
-  advise_huge_pages(grad_v);
+// Runs the backward into grad_q / grad_k / grad_v (fresh tensors of q's shape, any strides with
+// stride(-1) == 1: the packed (N, S, 2, H, Dh) gradient of attn_kv_bwd passes two views of one).
+void attn_bwd_cpu_into(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                       const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                       bool causal, double scale, at::Tensor& grad_q, at::Tensor& grad_k,
+                       at::Tensor& grad_v) {
+  if (lse.numel() == 0) return;
   const auto tables = rotary_tables(cos, sin, acc_dtype(q));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attn_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -850,7 +845,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
       attn_bwd_tiled(args);
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cos,
+    const std::optional<at::Tensor>& sin, bool causal, double scale) {
+  check_attn_bwd_args(grad_out, q, k, v, out, lse, cos, sin);
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto grad_q = at::empty(q.sizes(), opts);
+  auto grad_k = at::empty(q.sizes(), opts);
+  auto grad_v = at::empty(q.sizes(), opts);
+  if (lse.numel() == 0) return {grad_q, grad_k, grad_v};
+  advise_huge_pages(grad_q);
+  advise_huge_pages(grad_k);
+  advise_huge_pages(grad_v);
+  attn_bwd_cpu_into(grad_out, q, k, v, out, lse, cos, sin, causal, scale, grad_q, grad_k, grad_v);
   return {grad_q, grad_k, grad_v};
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_kv_fwd_cpu(const at::Tensor& q, const at::Tensor& kv,
+                                                   const std::optional<at::Tensor>& cos,
+                                                   const std::optional<at::Tensor>& sin,
+                                                   bool causal, double scale) {
+  check_attn_kv_args(q, kv);
+  return attn_fwd_cpu(q, kv.select(2, 0), kv.select(2, 1), cos, sin, causal, scale);
+}
+
+// The gradients of k and v land in the two halves of one (N, S, 2, H, Dh) tensor: the gradient
+// of the to_kv projection's output as it is, with no concatenation.
+std::tuple<at::Tensor, at::Tensor> attn_kv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                                   const at::Tensor& kv, const at::Tensor& out,
+                                                   const at::Tensor& lse,
+                                                   const std::optional<at::Tensor>& cos,
+                                                   const std::optional<at::Tensor>& sin,
+                                                   bool causal, double scale) {
+  check_attn_kv_args(q, kv);
+  const at::Tensor k = kv.select(2, 0), v = kv.select(2, 1);
+  check_attn_bwd_args(grad_out, q, k, v, out, lse, cos, sin);
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto grad_q = at::empty(q.sizes(), opts);
+  auto grad_kv = at::empty(kv.sizes(), opts);
+  if (lse.numel() == 0) return {grad_q, grad_kv};
+  advise_huge_pages(grad_q);
+  advise_huge_pages(grad_kv);
+  auto grad_k = grad_kv.select(2, 0), grad_v = grad_kv.select(2, 1);
+  attn_bwd_cpu_into(grad_out, q, k, v, out, lse, cos, sin, causal, scale, grad_q, grad_k, grad_v);
+  return {grad_q, grad_kv};
 }
 
 }  // namespace
@@ -858,6 +899,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cpu(
 TORCH_LIBRARY_IMPL(mblm, CPU, m) {
   m.impl("attn_fwd", &attn_fwd_cpu);
   m.impl("attn_bwd", &attn_bwd_cpu);
+  m.impl("attn_kv_fwd", &attn_kv_fwd_cpu);
+  m.impl("attn_kv_bwd", &attn_kv_bwd_cpu);
 }
 
 }  // namespace mblm

@@ -1,7 +1,8 @@
 // Small SIMD helpers of the CPU attention kernels: a fixed-width vector type (AVX2+FMA when the
 // build targets it, a plain array the compiler vectorizes otherwise), a vectorized exp, and the
 // register-blocked GEMM micro-kernel that every product in attention (Q.K^T, P.V and the five
-// products of the backward) goes through.
+// products of the backward) goes through. The vector type, exp and the row conversions are also
+// used by the norm, loss and GELU kernels.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -45,7 +46,9 @@ struct Vec<float> {
   friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
   friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
   friend Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  friend Vec abs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
   float sum() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

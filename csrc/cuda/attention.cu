@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -177,11 +178,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd_cuda(
   return {grad_q, grad_k, grad_v};
 }
 
+std::tuple<at::Tensor, at::Tensor> attn_kv_fwd_cuda(const at::Tensor& q, const at::Tensor& kv,
+                                                    const std::optional<at::Tensor>& cos,
+                                                    const std::optional<at::Tensor>& sin,
+                                                    bool causal, double scale) {
+  check_attn_kv_args(q, kv);
+  return attn_fwd_cuda(q, kv.select(2, 0), kv.select(2, 1), cos, sin, causal, scale);
+}
+
+// The kernels write dK and dV as (N, S, H, Dh) rows; they are packed here with one copy (the CPU
+// kernel writes the packed layout directly).
+std::tuple<at::Tensor, at::Tensor> attn_kv_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& q,
+                                                    const at::Tensor& kv, const at::Tensor& out,
+                                                    const at::Tensor& lse,
+                                                    const std::optional<at::Tensor>& cos,
+                                                    const std::optional<at::Tensor>& sin,
+                                                    bool causal, double scale) {
+  check_attn_kv_args(q, kv);
+  auto [grad_q, grad_k, grad_v] = attn_bwd_cuda(grad_out, q, kv.select(2, 0), kv.select(2, 1), out,
+                                                lse, cos, sin, causal, scale);
+  return {grad_q, at::stack({grad_k, grad_v}, 2)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mblm, CUDA, m) {
   m.impl("attn_fwd", &attn_fwd_cuda);
   m.impl("attn_bwd", &attn_bwd_cuda);
+  m.impl("attn_kv_fwd", &attn_kv_fwd_cuda);
+  m.impl("attn_kv_bwd", &attn_kv_bwd_cuda);
 }
 
 }  // namespace mblm

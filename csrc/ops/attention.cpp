@@ -89,6 +89,17 @@ void check_attn_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, const 
               q.size(1), "), got ", lse.sizes());
 }
 
+void check_attn_kv_args(const at::Tensor& q, const at::Tensor& kv) {
+  TORCH_CHECK(kv.dim() == 5, "mblm: attention kv must have 5 dims (N, S, 2, H, Dh), got shape ",
+              kv.sizes());
+  TORCH_CHECK(kv.size(2) == 2, "mblm: attention kv.size(2) must be 2 (k, v), got shape ",
+              kv.sizes());
+  TORCH_CHECK(q.dim() == 4 && kv.size(0) == q.size(0) && kv.size(1) == q.size(1) &&
+                  kv.size(3) == q.size(2) && kv.size(4) == q.size(3),
+              "mblm: attention kv must have shape (N, S, 2, H, Dh) for q of shape (N, S, H, Dh) = ",
+              q.sizes(), ", got ", kv.sizes());
+}
+
 }  // namespace mblm
 
 TORCH_LIBRARY_FRAGMENT(mblm, m) {
@@ -103,4 +114,13 @@ TORCH_LIBRARY_FRAGMENT(mblm, m) {
       "attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cos, Tensor? sin, bool causal, float scale) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // attn_fwd with k and v packed as kv (N, S, 2, H, Dh) (the to_kv projection's output as it
+  // is), any strides with stride(-1) == 1.
+  m.def(
+      "attn_kv_fwd(Tensor q, Tensor kv, Tensor? cos, Tensor? sin, bool causal, float scale) "
+      "-> (Tensor out, Tensor lse)");
+  // attn_bwd whose k and v gradients come packed: grad_kv (N, S, 2, H, Dh) contiguous.
+  m.def(
+      "attn_kv_bwd(Tensor grad_out, Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor? cos, "
+      "Tensor? sin, bool causal, float scale) -> (Tensor grad_q, Tensor grad_kv)");
 }

@@ -33,7 +33,9 @@ from mblm.model.config import (
     MBLMReturnType,
 )
 from mblm.model.multi_stage_token_embedding import MultiStageTokenEmbedding
+from mblm.model.transformer import TransformerDecoder
 from mblm.model.utils import Rearrange, RoPE
+from mblm.ops.loss import cross_entropy, cross_entropy_kernel_ok
 from mblm.ops.patch import patch_pad, patch_unpatch, stage_input
 from mblm.utils.stream import ByteStreamer
 
@@ -494,11 +496,19 @@ class MBLM(_HierarchyMixin):
             seq_len, dim = emb.shape[-2], emb.shape[-1]
             # the patches of stage k-1 are the batch of stage k: (N_k, s_k, D_k)
             x = emb.reshape(-1, seq_len, dim)
-            tokens = _assemble(x, self.start_tokens[k], self._fixed_positions(k, seq_len), prev)
-            y = self._run_stage(k, tokens)
-            if k < self.num_stages - 1:
-                # drop the output after the last patch: output i feeds patch i + 1
-                prev = self.to_next_stage_proj[k](y[:, :-1])
+            pos = self._fixed_positions(k, seq_len)
+            if k == self.num_stages - 1:
+                return self._run_stage(k, _assemble(x, self.start_tokens[k], pos, prev))
+            # Output i feeds patch i + 1: the output after the last patch is not used. A causal
+            # Transformer stage computes the others without that last input at all.
+            if isinstance(self.stage_models[k], TransformerDecoder):
+                x = x[:, :-1]
+                pos = pos[:-1] if pos is not None else None
+                prev = prev[:, :-1] if prev is not None else None
+                y = self._run_stage(k, _assemble(x, self.start_tokens[k], pos, prev))
+            else:
+                y = self._run_stage(k, _assemble(x, self.start_tokens[k], pos, prev))[:, :-1]
+            prev = self.to_next_stage_proj[k](y)
         return y
 
     def _run_stage(self, k: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -516,13 +526,14 @@ class MBLM(_HierarchyMixin):
         self, preds: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None
     ) -> torch.Tensor:
         batch, length, vocab = preds.shape
-        ce = F.cross_entropy(
-            preds.reshape(batch * length, vocab),
-            targets.reshape(-1).long(),
-            ignore_index=self.pad_token_id,
-            reduction="none",
-        ).view(batch, length)
-        return _masked_mean_loss(ce, loss_mask)
+        rows, row_targets = preds.reshape(batch * length, vocab), targets.reshape(-1).long()
+        if cross_entropy_kernel_ok(rows) and not torch.is_autocast_enabled(rows.device.type):
+            ce = cross_entropy(rows, row_targets, self.pad_token_id)
+        else:
+            ce = F.cross_entropy(
+                rows, row_targets, ignore_index=self.pad_token_id, reduction="none"
+            )
+        return _masked_mean_loss(ce.view(batch, length), loss_mask)
 
     @torch.inference_mode()
     def generate(

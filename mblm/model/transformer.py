@@ -22,7 +22,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 
 from mblm.model.block import StageBlock
-from mblm.ops.attention import attention
+from mblm.ops.attention import attention, attention_kv
+from mblm.ops.gelu import gelu_bwd, gelu_kernel_ok
+from mblm.ops.norm import rms_norm, rms_norm_kernel_ok
 
 RotaryArg = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
@@ -146,7 +148,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
 class RMSNorm(nn.Module):
     """MEGABYTE's RMSNorm: ``x / max(||x||_2 / sqrt(dim), eps) * g`` (eps clamps the RMS).
-    ``shift=True`` normalises ``token_shift(x)`` instead, fused so that backward keeps no copy."""
+    ``shift=True`` normalises ``token_shift(x)`` instead, fused so that backward keeps no copy.
+    Runs the ``mblm.ops.rms_norm`` kernel; x of another dtype than g (autocast) takes the
+    PyTorch path, whose result is in the promoted dtype as the original's."""
 
     def __init__(self, dim: int, eps: float = 1e-8) -> None:
         super().__init__()
@@ -155,11 +159,45 @@ class RMSNorm(nn.Module):
         self.g = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, shift: bool = False) -> torch.Tensor:
+        if rms_norm_kernel_ok(x, self.g) and (x.dim() >= 2 or not shift):
+            return rms_norm(x, self.g, scale=self.scale, eps=self.eps, shift=shift)
         if torch.is_grad_enabled() and (x.requires_grad or self.g.requires_grad):
             return _RMSNormFunction.apply(x, self.g, self.scale, self.eps, shift)
         u = token_shift(x) if shift else x
         norm = torch.norm(u, dim=-1, keepdim=True) * self.scale
         return u / norm.clamp(min=self.eps) * self.g
+
+
+class _GeluLinearFunction(torch.autograd.Function):
+    """``linear(gelu(h), weight, bias)`` that keeps only h (not the GELU output) for backward and
+    recomputes the GELU there, without re-running the matmul as checkpointing would."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        rows_out = grad_out.reshape(-1, grad_out.shape[-1])
+        rows_h = h.reshape(-1, h.shape[-1])
+        need_h, need_w, need_b = ctx.needs_input_grad
+        grad_h = grad_w = grad_b = act = None
+        if need_h:
+            grad_act = rows_out.mm(weight)
+            if gelu_kernel_ok(rows_h):
+                # one pass: the gradient and the recomputed GELU output
+                grad_h, act = gelu_bwd(grad_act, rows_h)
+            else:
+                grad_h = torch.ops.aten.gelu_backward(grad_act, rows_h)
+            grad_h = grad_h.view(h.shape)
+        if need_w:
+            grad_w = rows_out.t().mm(F.gelu(rows_h) if act is None else act)
+        if need_b and ctx.has_bias:
+            grad_b = rows_out.sum(0)
+        return grad_h, grad_w, grad_b
 
 
 class _FeedForward(nn.Sequential):
@@ -171,6 +209,13 @@ class _FeedForward(nn.Sequential):
         norm, up, act, drop, down = self
         h = up(norm(x, shift=shift))
         if torch.is_grad_enabled() and h.requires_grad and (drop.p == 0 or not self.training):
+            if (
+                type(act) is nn.GELU
+                and act.approximate == "none"
+                and type(down) is nn.Linear
+                and not torch.is_autocast_enabled(h.device.type)
+            ):
+                return _GeluLinearFunction.apply(h, down.weight, down.bias)
             return torch.utils.checkpoint.checkpoint(
                 lambda t: down(drop(act(t))), h, use_reentrant=False
             )
@@ -229,6 +274,26 @@ class Attend(nn.Module):
             q,
             k,
             v,
+            causal=self.causal,
+            scale=q.shape[-1] ** -0.5,
+            cos=cos,
+            sin=sin,
+            dropout_p=self.dropout,
+            training=self.training,
+        )
+
+    def attend_packed_kv(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``attend_heads_last`` with k and v packed as kv (N, S, 2, H, Dh): kv's gradient comes
+        as one tensor (no concatenation for the ``to_kv`` projection)."""
+        cos, sin = rotary if rotary is not None else (None, None)
+        return attention_kv(
+            q,
+            kv,
             causal=self.causal,
             scale=q.shape[-1] ** -0.5,
             cos=cos,
@@ -333,8 +398,10 @@ class Attention(nn.Module):
         precomputed (cos, sin) tables; shift: attend over ``token_shift(x)`` (fused into the
         norm). Returns (N, S, D)."""
         x = self.norm(x, shift=shift)
-        q, k, v = self._qkv(x)
-        out = self.attend.attend_heads_last(q, k, v, _rotary_tables(rotary_emb, q.dtype))
+        h = self.heads
+        q = self.to_q(x).unflatten(-1, (h, -1))
+        kv = self.to_kv(x).unflatten(-1, (2, h, -1))  # [k | v], as chunk(2) splits it
+        out = self.attend.attend_packed_kv(q, kv, _rotary_tables(rotary_emb, q.dtype))
         return self.to_out(out.flatten(-2))
 
 

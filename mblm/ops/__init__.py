@@ -17,9 +17,23 @@ from mblm.ops import (  # noqa: E402  (registers fakes and autograd)
     attention,
     conv,
     decode,
+    gelu,
+    loss,
+    norm,
     patch,
     scan,
     ssd,
 )
 
-__all__ = ["attention", "build_info", "conv", "decode", "patch", "scan", "ssd"]
+__all__ = [
+    "attention",
+    "build_info",
+    "conv",
+    "decode",
+    "gelu",
+    "loss",
+    "norm",
+    "patch",
+    "scan",
+    "ssd",
+]

@@ -14,7 +14,7 @@ from torch import Tensor
 from mblm.ops import reference
 from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_kv"]
 
 
 def attention(
@@ -47,6 +47,39 @@ def attention(
         warn_once(f"mblm.ops.attention: {reason}; running the PyTorch reference")
         return reference.attention_ref(q, k, v, cos, sin, causal, scale)[0]
     out, _ = torch.ops.mblm.attn_fwd.default(q, k, v, cos, sin, causal, scale)
+    return out
+
+
+def attention_kv(
+    q: Tensor,
+    kv: Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    cos: Tensor | None = None,
+    sin: Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """``attention(q, kv[:, :, 0], kv[:, :, 1], ...)`` with k and v packed as kv (N, S, 2, H, Dh)
+    (e.g. ``to_kv(x).unflatten(-1, (2, H, Dh))``, a view). The same result; the gradient of kv
+    comes as one packed tensor, so the projection's gradient needs no concatenation.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if (dropout_p > 0.0 and training) or _fallback_reason(q, cos, sin) is not None:
+        return attention(
+            q,
+            kv.select(2, 0),
+            kv.select(2, 1),
+            causal=causal,
+            scale=scale,
+            cos=cos,
+            sin=sin,
+            dropout_p=dropout_p,
+            training=training,
+        )
+    out, _ = torch.ops.mblm.attn_kv_fwd.default(q, kv, cos, sin, causal, scale)
     return out
 
 
@@ -179,4 +212,63 @@ def _backward_attn_fwd(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd(
     "mblm::attn_fwd", _backward_attn_fwd, setup_context=_setup_context_attn_fwd
+)
+
+
+def _check_fake_kv(q: Tensor, kv: Tensor) -> None:
+    torch._check(
+        kv.dim() == 5 and kv.shape[2] == 2,
+        lambda: f"mblm: attention kv must have 5 dims (N, S, 2, H, Dh), got {tuple(kv.shape)}",
+    )
+    torch._check(
+        q.dim() == 4 and kv.shape[:2] == q.shape[:2] and kv.shape[3:] == q.shape[2:],
+        lambda: (
+            f"mblm: attention kv must have shape (N, S, 2, H, Dh) for q of shape {tuple(q.shape)}, "
+            f"got {tuple(kv.shape)}"
+        ),
+    )
+
+
+@torch.library.register_fake("mblm::attn_kv_fwd")
+def _attn_kv_fwd_fake(q, kv, cos, sin, causal, scale):
+    _check_fake_kv(q, kv)
+    return _attn_fwd_fake(q, kv.select(2, 0), kv.select(2, 1), cos, sin, causal, scale)
+
+
+@torch.library.register_fake("mblm::attn_kv_bwd")
+def _attn_kv_bwd_fake(grad_out, q, kv, out, lse, cos, sin, causal, scale):
+    _check_fake_kv(q, kv)
+    _check_fake_qkv(q, kv.select(2, 0), kv.select(2, 1), cos, sin)
+    _check_fake_like_q("grad_out", grad_out, q)
+    _check_fake_like_q("out", out, q)
+    return q.new_empty(q.shape), kv.new_empty(kv.shape)
+
+
+def _setup_context_attn_kv_fwd(ctx, inputs, output):
+    q, kv, cos, sin, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, kv, out, lse, cos, sin)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_attn_kv_fwd(ctx, grad_out, grad_lse):
+    """attn_kv_bwd (no double backward); cos and sin get no gradient."""
+    q, kv, out, lse, cos, sin = ctx.saved_tensors
+    grad_q, grad_kv = torch.ops.mblm.attn_kv_bwd.default(
+        grad_out.contiguous(), q, kv, out, lse, cos, sin, ctx.causal, ctx.scale
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_q if needs[0] else None,
+        grad_kv if needs[1] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "mblm::attn_kv_fwd", _backward_attn_kv_fwd, setup_context=_setup_context_attn_kv_fwd
 )

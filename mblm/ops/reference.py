@@ -122,6 +122,72 @@ def attention_ref(
 
 
 # ---------------------------------------------------------------------------------------------
+# norm family: MEGABYTE's RMSNorm, optionally over the token-shifted input
+# ---------------------------------------------------------------------------------------------
+
+
+def token_shift_ref(x: Tensor) -> Tensor:
+    """RWKV's token shift as MEGABYTE applies it: of the last axis split by ``chunk(2)`` (the
+    first ceil(D / 2) features kept), the second part moves one position down axis -2; position
+    0 of that part becomes zero. x: (..., S, D)."""
+    keep = (x.shape[-1] + 1) // 2
+    shifted = torch.nn.functional.pad(x[..., :-1, keep:], (0, 0, 1, 0))
+    return torch.cat((x[..., :keep], shifted), dim=-1)
+
+
+def rms_norm_ref(
+    x: Tensor, g: Tensor, scale: float, eps: float, shift: bool
+) -> tuple[Tensor, Tensor]:
+    """MEGABYTE's RMSNorm (the RMS is clamped, not eps-added), optionally of ``token_shift(x)``.
+
+    x: (..., D) ((..., S, D) with shift); g: (D,). With u = token_shift(x) if shift else x:
+    ``rms = scale * ||u||_2`` over the last axis and ``y = u / max(rms, eps) * g``.
+    Returns y in x's dtype and rms (x.shape[:-1], unclamped) in float32 (float64 for float64).
+    """
+    cdt = _compute_dtype(x)
+    u = x.to(cdt)
+    if shift:
+        u = token_shift_ref(u)
+    rms = torch.linalg.vector_norm(u, dim=-1) * scale
+    y = u / rms.clamp(min=eps)[..., None] * g.to(cdt)
+    return y.to(x.dtype), rms
+
+
+# ---------------------------------------------------------------------------------------------
+# loss family: per-row cross entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def cross_entropy_ref(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per-row cross entropy (``F.cross_entropy(..., reduction="none")``) and its log-sum-exp.
+
+    logits: (R, V); target: (R,) int64 in [0, V) or ``ignore_index`` (loss 0, no gradient).
+    Returns loss (R,) in logits' dtype and lse (R,) float32 (float64 for float64 logits).
+    """
+    lc = logits.to(_compute_dtype(logits))
+    lse = torch.logsumexp(lc, dim=-1)
+    ignored = target == ignore_index
+    picked = lc.gather(1, target.masked_fill(ignored, 0)[:, None])[:, 0]
+    loss = torch.where(ignored, torch.zeros_like(lse), lse - picked)
+    return loss.to(logits.dtype), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# gelu family: the backward of an (exact, erf-based) GELU that recomputes its output
+# ---------------------------------------------------------------------------------------------
+
+
+def gelu_bwd_ref(grad_act: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Given h and the gradient of ``act = gelu(h)``: (grad_h, act), both in h's dtype.
+    ``grad_h = grad_act * (Phi(h) + h * phi(h))``, ``act = h * Phi(h)``."""
+    cdt = _compute_dtype(h)
+    hc, gc = h.to(cdt), grad_act.to(cdt)
+    act = torch.nn.functional.gelu(hc)
+    grad_h = torch.ops.aten.gelu_backward(gc, hc)
+    return grad_h.to(h.dtype), act.to(h.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # conv / scan / ssd families: the Mamba primitives (causal depthwise conv1d, Mamba1 selective
 # scan, Mamba2 state-space-dual scan). All three return the state needed to continue the sequence
 # later, so that running a sequence in pieces (or one step at a time) equals one full run.

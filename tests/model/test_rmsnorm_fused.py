@@ -1,5 +1,5 @@
-"""The memory-saving RMSNorm autograd (optional fused token shift) against the composite
-formula it replaces, including the clamped-RMS branch."""
+"""RMSNorm (the rms_norm kernel, and the memory-saving Python autograd kept for mixed dtypes)
+against the composite formula it replaces, including the clamped-RMS branch."""
 
 import pytest
 import torch
@@ -40,7 +40,8 @@ def test_matches_composite_fp32(shift):
     grad = torch.randn(3, 9, 7)
     y = norm(x, shift=shift)
     ref = composite(x, norm.g, norm.scale, norm.eps, shift)
-    assert torch.equal(y, ref)  # same forward arithmetic
+    # the rms_norm kernel reduces in another order than torch.norm: equal up to fp32 rounding
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
     gx, gg = torch.autograd.grad(y, (x, norm.g), grad)
     rx, rg = torch.autograd.grad(ref, (x, norm.g), grad)
     torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-6)

@@ -21,4 +21,8 @@ void check_attn_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, const 
                          const std::optional<at::Tensor>& cos,
                          const std::optional<at::Tensor>& sin);
 
+// Validates the packed kv (N, S, 2, H, Dh) of attn_kv_fwd / attn_kv_bwd against q; the rest is
+// checked on the views kv[:, :, 0] and kv[:, :, 1] as k and v.
+void check_attn_kv_args(const at::Tensor& q, const at::Tensor& kv);
+
 }  // namespace mblm
