@@ -21,6 +21,19 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def prefer_checkout() -> None:
+    """Import ``mblm`` from this checkout when it has a built extension (``tools/dev_build.sh``),
+    else from the installed package: an older installed copy must not shadow the code measured."""
+    import sys
+
+    if any((CHECKOUT / "mblm").glob("_C*.so")):
+        sys.path.insert(0, str(CHECKOUT))
+    elif str(CHECKOUT) not in sys.path:
+        sys.path.append(str(CHECKOUT))
+
 
 CSV_COLUMNS = (
     "date",

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the checkout, unless installed
 
 import _common  # noqa: E402
+
+_common.prefer_checkout()
 
 from mblm.ops.attention import attention_kv  # noqa: E402
 

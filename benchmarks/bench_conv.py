@@ -19,6 +19,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+_common.prefer_checkout()
+
 from mblm.ops.conv import causal_conv1d  # noqa: E402
 
 # (batch, length, channels, width): Mamba1 d_model 512 (ED 1024), Mamba2 d_model 512

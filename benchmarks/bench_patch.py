@@ -21,10 +21,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the checkout, unless installed
-import mblm.ops  # noqa: F401
-from mblm.ops import patch as P
-from mblm.ops import reference as R
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+_common.prefer_checkout()
+
+import mblm.ops  # noqa: E402, F401
+from mblm.ops import patch as P  # noqa: E402
+from mblm.ops import reference as R  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "patch.csv")
 

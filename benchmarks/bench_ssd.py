@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # the checkout, unless installed
 
 import _common  # noqa: E402
+
+_common.prefer_checkout()
 
 from mblm.ops.reference import ssd_chunked_ref  # noqa: E402
 from mblm.ops.ssd import ssd_scan  # noqa: E402
