@@ -120,6 +120,7 @@ void state_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gC, const PnSplit& 
   const int64_t units = dm.batch * dm.groups * dm.chunks * sp.heads * sp.tiles.count;
   const int64_t blocks_per_chunk = kSsdCheckpointSteps / kStepBlock;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormals flush;
     std::vector<acc_t> tiles(sp.per_heads * sp.tiles.per * P * kTileLanes), xs(kStepBlock * P),
         gys(kStepBlock * P), V(kStepBlock * kTileLanes), acc(kStepBlock * kTileLanes),
         ugy(kStepBlock);
@@ -243,6 +244,7 @@ void grad_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gB, const PnSplit& s
   const int64_t units = dm.batch * dm.groups * sp.heads;
   constexpr int kQLanes = 1;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormals flush;
     std::vector<acc_t> tiles(sp.per_heads * dm.n_tiles * P * kTileLanes), xs(kStepBlock * P),
         gys(kStepBlock * P), V(kStepBlock * kTileLanes), W(kStepBlock * kTileLanes),
         acc(kStepBlock * kTileLanes), Q(kStepBlock * P * kQLanes);

@@ -48,6 +48,7 @@ void ssd_fwd_kernel(const Dims& dm, const at::Tensor& x, const GroupOperand<acc_
   const Ranges rg = split_ranges(H * dm.p_tiles, dm.batch);
 
   at::parallel_for(0, dm.batch * rg.count, 1, [&](int64_t begin, int64_t end) {
+    const FlushSubnormals flush;
     std::vector<acc_t> tiles(rg.per * TN), V(TL), acc(TL);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / rg.count, k0 = (task % rg.count) * rg.per;
