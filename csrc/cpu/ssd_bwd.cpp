@@ -57,8 +57,6 @@ template <typename scalar_t, typename acc_t>
 struct BwdContext {
   const Dims& dm;
   Strided4<scalar_t> x, gy, B, C;
-  const GroupOperand<acc_t>& Bop;
-  const GroupOperand<acc_t>& Cop;
   const HeadParams<acc_t>& hp;
   const StepTables<acc_t>& st;
   const acc_t* gsf;  // grad_final_state (B, H, P, N) or null
@@ -467,8 +465,6 @@ SsdGrads ssd_bwd_cpu(const at::Tensor& grad_y_in, const std::optional<at::Tensor
       using acc_t = at::opmath_type<scalar_t>;
       const HeadParams<acc_t> hp(dt, A, D, dt_bias, dm.heads, dm.headdim);
       const Tables<acc_t> tab(dm, hp, dt_softplus, /*reverse=*/true, opts);
-      const auto Bop = prepare_group_operand<scalar_t, acc_t>(B, dm, opts);
-      const auto Cop = prepare_group_operand<scalar_t, acc_t>(C, dm, opts);
       at::Tensor gsf;
       if (grad_final_state.has_value()) gsf = grad_final_state->to(cdt).contiguous();
       at::Tensor cb = at::empty({dm.batch, dm.groups, dm.length}, opts);
@@ -478,8 +474,6 @@ SsdGrads ssd_bwd_cpu(const at::Tensor& grad_y_in, const std::optional<at::Tensor
                                             Strided4<scalar_t>(grad_y),
                                             Strided4<scalar_t>(B),
                                             Strided4<scalar_t>(C),
-                                            Bop,
-                                            Cop,
                                             hp,
                                             tab.t,
                                             gsf.defined() ? gsf.const_data_ptr<acc_t>() : nullptr,
