@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mblm.ops.conv import causal_conv1d
-from mblm.ops.scan import selective_scan
+from mblm.ops.conv import causal_conv1d, causal_conv1d_step
+from mblm.ops.scan import selective_scan, selective_scan_step
 
 Cache = tuple[Tensor | None, Tensor]
 
@@ -145,6 +145,8 @@ class MambaBlock(nn.Module):
         conv_state: (B, ED, d_conv - 1) the previous conv inputs; ssm_state: (B, ED, N).
         Returns (out (B, L, D), conv_state, ssm_state) after the last step.
         """
+        if x.shape[1] == 1 and conv_state is not None and not torch.is_grad_enabled():
+            return self._decode_step(x, conv_state, ssm_state)
         cfg = self.config
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         xs, conv_state = causal_conv1d(
@@ -169,6 +171,35 @@ class MambaBlock(nn.Module):
             initial_state=ssm_state,
         )
         return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state
+
+    def _decode_step(
+        self, x: Tensor, conv_state: Tensor, ssm_state: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``forward_with_state`` of one position (x (B, 1, D)) on the single-step ops
+        (conv1d_update, scan_update): no sequence-shaped intermediates, no checkpoints."""
+        cfg = self.config
+        xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)
+        xs, conv_state = causal_conv1d_step(
+            xs.contiguous(), conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, True
+        )
+        delta, b, c = torch.split(
+            self.x_proj(xs), [int(cfg.dt_rank), cfg.d_state, cfg.d_state], dim=-1
+        )
+        if self.dt_layernorm is not None:
+            delta, b, c = self.dt_layernorm(delta), self.B_layernorm(b), self.C_layernorm(c)
+        y, ssm_state = selective_scan_step(
+            ssm_state,
+            xs,
+            delta @ self.dt_proj.weight.t(),
+            -torch.exp(self.A_log.float()),
+            b,
+            c,
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+        return self.out_proj(y)[:, None], conv_state, ssm_state
 
     def step(self, x: Tensor, cache: Cache) -> tuple[Tensor, Cache]:
         """One token. x: (B, D); cache: (h (B, ED, N) or None, inputs (B, ED, d_conv - 1))."""

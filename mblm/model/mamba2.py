@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mblm.ops.conv import causal_conv1d
-from mblm.ops.ssd import ssd_scan
+from mblm.ops.conv import causal_conv1d, causal_conv1d_step
+from mblm.ops.ssd import ssd_scan, ssd_step
 
 State = tuple[Tensor, Tensor]
 
@@ -217,6 +217,9 @@ class Mamba2(nn.Module):
         Returns (out (B, L, D), conv_state, ssm_state) after the last step.
         """
         batch, length, _ = u.shape
+        if length == 1 and conv_state is not None and ssm_state is not None:
+            if not torch.is_grad_enabled():
+                return self._decode_step(u, conv_state, ssm_state)
         gn = self.ngroups * self.d_state
         z, xbc, dt = torch.split(
             self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1
@@ -225,28 +228,60 @@ class Mamba2(nn.Module):
             xbc.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, True
         )
         x, b, c = torch.split(xbc.transpose(1, 2), [self.d_inner, gn, gn], dim=-1)
-        dt_bias, softplus = self.dt_bias.float(), True
-        if self.dt_limit != (0.0, float("inf")):
-            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
-            dt_bias, softplus = None, False
-        d = self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        dt, dt_bias, softplus, d = self._ssd_inputs(dt)
         y, ssm_state = ssd_scan(
             x.reshape(batch, length, self.nheads, self.headdim),
             dt,
             -torch.exp(self.A_log.float()),
             b.reshape(batch, length, self.ngroups, self.d_state),
             c.reshape(batch, length, self.ngroups, self.d_state),
-            d.float(),
+            d,
             dt_bias=dt_bias,
             dt_softplus=softplus,
             initial_state=ssm_state,
         )
-        y = y.reshape(batch, length, self.d_inner)
-        if self.rmsnorm:
-            y = self.norm(y, z)
-        else:
-            y = y * F.silu(z)
-        return self.out_proj(y), conv_state, ssm_state
+        return self._gate_out(y.reshape(batch, length, self.d_inner), z), conv_state, ssm_state
+
+    def _ssd_inputs(self, dt: Tensor) -> tuple[Tensor, Tensor | None, bool, Tensor]:
+        """(dt, dt_bias, dt_softplus, D) as the SSD ops take them (dt_limit applied here)."""
+        dt_bias, softplus = self.dt_bias.float(), True
+        if self.dt_limit != (0.0, float("inf")):
+            dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+            dt_bias, softplus = None, False
+        d = self.D.view(self.nheads, self.headdim) if self.D_has_hdim else self.D
+        return dt, dt_bias, softplus, d.float()
+
+    def _gate_out(self, y: Tensor, z: Tensor) -> Tensor:
+        y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
+        return self.out_proj(y)
+
+    def _decode_step(
+        self, u: Tensor, conv_state: Tensor, ssm_state: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``forward_with_state`` of one position (u (B, 1, D)) on the single-step ops
+        (conv1d_update, ssd_update)."""
+        batch = u.shape[0]
+        gn = self.ngroups * self.d_state
+        z, xbc, dt = torch.split(
+            self.in_proj(u[:, 0]), [self.d_inner, self.conv_dim, self.nheads], dim=-1
+        )
+        xbc, conv_state = causal_conv1d_step(
+            xbc.contiguous(), conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, True
+        )
+        x, b, c = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
+        dt, dt_bias, softplus, d = self._ssd_inputs(dt)
+        y, ssm_state = ssd_step(
+            ssm_state,
+            x.reshape(batch, self.nheads, self.headdim),
+            dt.contiguous(),
+            -torch.exp(self.A_log.float()),
+            b.reshape(batch, self.ngroups, self.d_state),
+            c.reshape(batch, self.ngroups, self.d_state),
+            d,
+            dt_bias=dt_bias,
+            dt_softplus=softplus,
+        )
+        return self._gate_out(y.reshape(batch, 1, self.d_inner), z[:, None]), conv_state, ssm_state
 
     def step(
         self, x: Tensor, conv_state: Tensor | None, ssm_state: Tensor | None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tolerances import GRAD_TOL, VALUE_TOL
 
 from mblm.model.mamba1 import Mamba, MambaConfig
-from mblm.model.mamba2 import Mamba2Mixer
+from mblm.model.mamba2 import Mamba2, Mamba2Mixer
 from mblm.ops.reference import causal_conv1d_ref, selective_scan_ref, ssd_ref
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "..", "parity", "goldens_mamba")
@@ -311,6 +311,53 @@ def test_mamba2_step_and_chunks_equal_full_forward():
         a, conv, ssm = mixer.forward_with_state(x[:, :3], None, None)
         b, _, _ = mixer.forward_with_state(x[:, 3:], conv, ssm)
         torch.testing.assert_close(torch.cat((a, b), 1), ref, **VALUE_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("variant", ["mamba1", "mamba2", "mamba2_groups_dtlimit"])
+def test_single_position_steps_run_the_update_ops(variant, monkeypatch):
+    """forward_with_state of one position from a state (cached decoding) runs conv1d_update and
+    scan_update / ssd_update, and equals the full forward."""
+    torch.manual_seed(0)
+    layers = 2
+    if variant == "mamba1":
+        model = Mamba(MambaConfig(d_model=12, n_layers=2, d_state=3, d_conv=3, expand_factor=2))
+        update, width = "scan_update", 12
+    elif variant == "mamba2":
+        model = Mamba2Mixer(d_model=8, n_layers=2, d_state=4, d_conv=4, headdim=4, expand=2)
+        update, width = "ssd_update", 8
+    else:  # one mixer with groups, a dt limit and a per-channel D
+        model = Mamba2(
+            8, d_state=4, d_conv=4, expand=2, headdim=4, ngroups=2, dt_limit=(0.01, 0.5),
+            D_has_hdim=True,
+        )  # fmt: skip
+        update, width, layers = "ssd_update", 8, 1
+    _randomize_(model, 5)
+    calls = {"conv1d_update": 0, update: 0}
+    for name in calls:
+        op = getattr(torch.ops.mblm, name).default
+
+        def spy(*args, _op=op, _name=name):
+            calls[_name] += 1
+            return _op(*args)
+
+        monkeypatch.setattr(getattr(torch.ops.mblm, name), "default", spy)
+
+    def run(x, state):
+        if layers == 1:
+            y, conv, ssm = model.forward_with_state(x, *(state or (None, None)))
+            return y, (conv, ssm)
+        return model.forward_with_state(x, state)
+
+    x = torch.randn(3, 7, width)
+    with torch.no_grad():
+        full = model(x)
+        y, state = run(x[:, :2], None)
+        outs = [y]
+        for t in range(2, 7):
+            y, state = run(x[:, t : t + 1], state)
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, **VALUE_TOL[torch.float32])
+    assert calls == {"conv1d_update": 5 * layers, update: 5 * layers}
 
 
 def test_mamba2_dropout_only_in_training():
