@@ -1,8 +1,7 @@
-// Small SIMD helpers of the CPU attention kernels: a fixed-width vector type (AVX2+FMA when the
-// build targets it, a plain array the compiler vectorizes otherwise), a vectorized exp, and the
+// Small SIMD helpers of the CPU attention kernels (on the shared vector type of vec.h): the
 // register-blocked GEMM micro-kernel that every product in attention (Q.K^T, P.V and the five
-// products of the backward) goes through. The vector type, exp and the row conversions are also
-// used by the norm, loss and GELU kernels.
+// products of the backward) goes through, transposes, streaming copies and the row conversions
+// (bf16/fp16 <-> float32) that the norm, loss and GELU kernels also use.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -14,185 +13,12 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MBLM_ATTN_AVX2 1
-#else
-#define MBLM_ATTN_AVX2 0
-#endif
+#include "vec.h"
+
 
 namespace mblm::cpu_attn {
 
-template <typename T>
-struct Vec;
-
-#if MBLM_ATTN_AVX2
-
-template <>
-struct Vec<float> {
-  static constexpr int kWidth = 8;
-  __m256 v;
-
-  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  static Vec broadcast(float x) { return {_mm256_set1_ps(x)}; }
-  static Vec zero() { return {_mm256_setzero_ps()}; }
-  static Vec iota() { return {_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)}; }
-  // Lanes where idx >= thr take b, the others a.
-  friend Vec select_ge(Vec idx, Vec thr, Vec a, Vec b) {
-    return {_mm256_blendv_ps(a.v, b.v, _mm256_cmp_ps(idx.v, thr.v, _CMP_GE_OQ))};
-  }
-  void store(float* p) const { _mm256_storeu_ps(p, v); }
-  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
-  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
-  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
-  friend Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
-  friend Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
-  friend Vec abs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
-  float sum() const {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  float hmax() const {
-    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_max_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
-  // exp with ~1 ulp error (Cephes expf): x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6
-  // polynomial, 2^n through the exponent bits. exp(-inf) and anything below the float range
-  // gives 0; NaN stays NaN (max/min return their second operand when one is NaN).
-  Vec exp() const {
-    const __m256 hi = _mm256_set1_ps(88.3762626647949f);
-    const __m256 lo = _mm256_set1_ps(-87.3365447504f);
-    __m256 x = _mm256_min_ps(hi, v);
-    x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
-    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127));
-    e = _mm256_slli_epi32(e, 23);
-    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    // Below ~-87.3 the exponent trick underflows into garbage: flush those lanes to 0.
-    return {_mm256_andnot_ps(_mm256_cmp_ps(v, lo, _CMP_LT_OQ), y)};
-  }
-};
-
-template <>
-struct Vec<double> {
-  static constexpr int kWidth = 4;
-  __m256d v;
-
-  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
-  static Vec broadcast(double x) { return {_mm256_set1_pd(x)}; }
-  static Vec zero() { return {_mm256_setzero_pd()}; }
-  static Vec iota() { return {_mm256_setr_pd(0, 1, 2, 3)}; }
-  friend Vec select_ge(Vec idx, Vec thr, Vec a, Vec b) {
-    return {_mm256_blendv_pd(a.v, b.v, _mm256_cmp_pd(idx.v, thr.v, _CMP_GE_OQ))};
-  }
-  void store(double* p) const { _mm256_storeu_pd(p, v); }
-  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
-  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
-  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_pd(a.v, b.v)}; }
-  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
-  friend Vec max(Vec a, Vec b) { return {_mm256_max_pd(a.v, b.v)}; }
-  double sum() const {
-    alignas(32) double t[4];
-    store(t);
-    return (t[0] + t[1]) + (t[2] + t[3]);
-  }
-  double hmax() const {
-    alignas(32) double t[4];
-    store(t);
-    return std::fmax(std::fmax(t[0], t[1]), std::fmax(t[2], t[3]));
-  }
-  // float64 is the gradcheck / reference dtype, not a fast path: exact libm exp.
-  Vec exp() const {
-    alignas(32) double t[4];
-    store(t);
-    for (double& x : t) x = std::exp(x);
-    return load(t);
-  }
-};
-
-#else  // portable fallback: fixed-size arrays with loops the compiler vectorizes
-
-template <typename T>
-struct Vec {
-  static constexpr int kWidth = 32 / sizeof(T);
-  T v[kWidth];
-
-  static Vec load(const T* p) {
-    Vec r;
-    for (int i = 0; i < kWidth; ++i) r.v[i] = p[i];
-    return r;
-  }
-  static Vec broadcast(T x) {
-    Vec r;
-    for (int i = 0; i < kWidth; ++i) r.v[i] = x;
-    return r;
-  }
-  static Vec zero() { return broadcast(T(0)); }
-  static Vec iota() {
-    Vec r;
-    for (int i = 0; i < kWidth; ++i) r.v[i] = T(i);
-    return r;
-  }
-  friend Vec select_ge(Vec idx, Vec thr, Vec a, Vec b) {
-    for (int i = 0; i < kWidth; ++i) a.v[i] = idx.v[i] >= thr.v[i] ? b.v[i] : a.v[i];
-    return a;
-  }
-  void store(T* p) const {
-    for (int i = 0; i < kWidth; ++i) p[i] = v[i];
-  }
-  friend Vec fmadd(Vec a, Vec b, Vec c) {
-    for (int i = 0; i < kWidth; ++i) c.v[i] += a.v[i] * b.v[i];
-    return c;
-  }
-  friend Vec operator+(Vec a, Vec b) {
-    for (int i = 0; i < kWidth; ++i) a.v[i] += b.v[i];
-    return a;
-  }
-  friend Vec operator-(Vec a, Vec b) {
-    for (int i = 0; i < kWidth; ++i) a.v[i] -= b.v[i];
-    return a;
-  }
-  friend Vec operator*(Vec a, Vec b) {
-    for (int i = 0; i < kWidth; ++i) a.v[i] *= b.v[i];
-    return a;
-  }
-  friend Vec max(Vec a, Vec b) {
-    for (int i = 0; i < kWidth; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
-    return a;
-  }
-  T sum() const {
-    T s = 0;
-    for (int i = 0; i < kWidth; ++i) s += v[i];
-    return s;
-  }
-  T hmax() const {
-    T m = v[0];
-    for (int i = 1; i < kWidth; ++i) m = v[i] > m ? v[i] : m;
-    return m;
-  }
-  Vec exp() const {
-    Vec r;
-    for (int i = 0; i < kWidth; ++i) r.v[i] = std::exp(v[i]);
-    return r;
-  }
-};
-
-#endif
+using cpu::Vec;
 
 // One MR x (NV * width) tile of C (+)= A . B over k in [k0, k1). A's element (i, k) is
 // a[i * a_rs + k * a_cs] (so A^T is read by swapping the strides, with no transpose copy); B's
@@ -291,7 +117,7 @@ inline void transpose(const T* src, int64_t rows, int64_t cols, int64_t lds, T* 
   }
 }
 
-#if MBLM_ATTN_AVX2
+#if MBLM_CPU_AVX2
 template <>
 inline void transpose<float>(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
                              int64_t ldd) {
@@ -336,7 +162,7 @@ inline void transpose<float>(const float* src, int64_t rows, int64_t cols, int64
 // aligned (outputs far larger than the caches: no read-for-ownership of lines that are fully
 // overwritten). Callers issue store_fence() before the written data is read by another thread.
 inline void copy_out(void* dst, const void* src, int64_t bytes, bool stream) {
-#if MBLM_ATTN_AVX2
+#if MBLM_CPU_AVX2
   if (stream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) {
     auto* d = static_cast<char*>(dst);
     const auto* s = static_cast<const char*>(src);
@@ -353,7 +179,7 @@ inline void copy_out(void* dst, const void* src, int64_t bytes, bool stream) {
 }
 
 inline void store_fence() {
-#if MBLM_ATTN_AVX2
+#if MBLM_CPU_AVX2
   _mm_sfence();
 #endif
 }
@@ -376,7 +202,7 @@ inline void cvt_store(const A* src, S* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<S>(src[i]);
 }
 
-#if MBLM_ATTN_AVX2
+#if MBLM_CPU_AVX2
 template <>
 inline void cvt_load<c10::BFloat16, float>(const c10::BFloat16* src, float* dst, int64_t n) {
   int64_t i = 0;

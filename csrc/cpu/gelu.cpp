@@ -53,7 +53,7 @@ inline void gelu_scalar(float h, float g, float& act, float& gh) {
 // n elements of float: act[i], gh[i] from h[i], g[i].
 inline void gelu_block(const float* h, const float* g, float* act, float* gh, int64_t n) {
   int64_t i = 0;
-#if MBLM_ATTN_AVX2
+#if MBLM_CPU_AVX2
   using V = cpu_attn::Vec<float>;
   const V half = V::broadcast(0.5f), one = V::broadcast(1.0f), zero = V::zero(),
           inv_sqrt2 = V::broadcast(float(kInvSqrt2)),

@@ -30,13 +30,13 @@
 #include <tuple>
 #include <vector>
 
-#include "scan_vec.h"
+#include "vec.h"
 
 namespace mblm {
 
 namespace {
 
-using cpu_scan::Vec;
+using cpu::Vec;
 constexpr int64_t kT = kScanChunk;
 
 // Below this many (step, channel, state) updates a parallel_for chunk is not worth a thread

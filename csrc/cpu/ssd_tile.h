@@ -19,35 +19,16 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MBLM_SSD_AVX2 1
-#else
-#define MBLM_SSD_AVX2 0
-#endif
+#include "vec.h"
 
 namespace mblm::cpu_ssd {
 
 // Lanes of a tile row: two AVX2 float vectors (four double vectors).
 constexpr int64_t kTileLanes = 16;
 
-template <typename T>
-struct Vec;
+using cpu::Vec;
 
-#if MBLM_SSD_AVX2
-
-template <>
-struct Vec<float> {
-  static constexpr int kWidth = 8;
-  __m256 v;
-  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  static Vec broadcast(float x) { return {_mm256_set1_ps(x)}; }
-  void store(float* p) const { _mm256_storeu_ps(p, v); }
-  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
-  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
-};
-
+#if MBLM_CPU_AVX2
 // The lane sums of four vectors, added to out[0..3].
 inline void add_lane_sums4(const Vec<float> (&v)[4], float* out) {
   const __m256 h01 = _mm256_hadd_ps(v[0].v, v[1].v);
@@ -56,59 +37,12 @@ inline void add_lane_sums4(const Vec<float> (&v)[4], float* out) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
   _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), s));
 }
-
-template <>
-struct Vec<double> {
-  static constexpr int kWidth = 4;
-  __m256d v;
-  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
-  static Vec broadcast(double x) { return {_mm256_set1_pd(x)}; }
-  void store(double* p) const { _mm256_storeu_pd(p, v); }
-  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
-  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
-  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
-};
-
-#else
-
-// Portable fallback: a fixed-size array the compiler vectorizes.
-template <typename T>
-struct Vec {
-  static constexpr int kWidth = 32 / sizeof(T);
-  T v[kWidth];
-  static Vec load(const T* p) {
-    Vec r;
-    for (int i = 0; i < kWidth; ++i) r.v[i] = p[i];
-    return r;
-  }
-  static Vec broadcast(T x) {
-    Vec r;
-    for (int i = 0; i < kWidth; ++i) r.v[i] = x;
-    return r;
-  }
-  void store(T* p) const {
-    for (int i = 0; i < kWidth; ++i) p[i] = v[i];
-  }
-  friend Vec fmadd(Vec a, Vec b, Vec c) {
-    for (int i = 0; i < kWidth; ++i) c.v[i] += a.v[i] * b.v[i];
-    return c;
-  }
-  friend Vec operator*(Vec a, Vec b) {
-    for (int i = 0; i < kWidth; ++i) a.v[i] *= b.v[i];
-    return a;
-  }
-  friend Vec operator+(Vec a, Vec b) {
-    for (int i = 0; i < kWidth; ++i) a.v[i] += b.v[i];
-    return a;
-  }
-};
-
 #endif
 
 // The lane sums of kRows vectors, added to out[0..kRows).
 template <typename T, int kRows>
 inline void add_lane_sums(const Vec<T> (&v)[kRows], T* out) {
-#if MBLM_SSD_AVX2
+#if MBLM_CPU_AVX2
   if constexpr (std::is_same_v<T, float> && kRows == 4) {
     add_lane_sums4(v, out);
     return;
