@@ -133,6 +133,57 @@ class _HierarchyMixin(nn.Module):
     token_embs_rev: nn.ModuleList
     _warned_single_tensor_embeds: bool
 
+    def _init_hierarchy(self, cfg: MBLMModelConfig, *, with_start_tokens: bool) -> None:
+        """The attributes and modules of the hierarchy, created in the original's order (seeded
+        initial weights depend on it): start tokens (MBLM only), positional embeddings, token
+        embeddings, stage models with their next-stage projections, the logits head."""
+        _check_stage_lengths(cfg)
+        self.num_stages = len(cfg.hidden_dims)
+        self.seq_lens = cfg.seq_lens
+        self.pad_token_id = cfg.pad_token_id
+        self.num_tokens = cfg.num_tokens
+        self.checkpoint_chunks: list[int | None] = _checkpoint_chunks(cfg, self.num_stages)
+        if with_start_tokens:
+            self.start_tokens = nn.ParameterList(
+                [nn.Parameter(torch.randn(model_dim)) for model_dim in cfg.hidden_dims]
+            )
+        stage_blocks = cfg.stage_blocks()
+        self.pos_embs = self._init_positional_embeddings(
+            cfg.hidden_dims, cfg.seq_lens, stage_blocks
+        )
+        self.token_embs_rev = MultiStageTokenEmbedding.build(
+            model_dims=cfg.hidden_dims,
+            seq_lens=cfg.seq_lens,
+            vocab_size=cfg.num_tokens,
+            pad_token_id=cfg.pad_token_id,
+        )
+        self.stage_models, self.to_next_stage_proj = self._init_models_at_stages(
+            cfg.hidden_dims, cfg.seq_lens, cfg.num_layers, stage_blocks
+        )
+        self.to_logits = nn.Linear(cfg.hidden_dims[-1], cfg.num_tokens)
+        self._warned_single_tensor_embeds = False
+
+    @classmethod
+    def _init_positional_embeddings(
+        cls,
+        model_dims: Iterable[int],
+        seq_lens: Iterable[int],
+        blocks: Iterable[StageBlock],
+    ) -> nn.ModuleList:
+        """Creates the positional embedding of each stage."""
+        return _positional_embeddings(model_dims, seq_lens, blocks)
+
+    @classmethod
+    def _init_models_at_stages(
+        cls,
+        model_dims: Sequence[int],
+        seq_lens: Sequence[int],
+        num_stage_layers: Iterable[int],
+        blocks: Iterable[StageBlock],
+    ) -> tuple[nn.ModuleList, nn.ModuleList]:
+        """Creates the stage models and the next-stage projections."""
+        return _stage_models(model_dims, seq_lens, num_stage_layers, blocks)
+
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -301,53 +352,7 @@ class MBLM(_HierarchyMixin):
 
     def __init__(self, cfg: MBLMModelConfig):
         super().__init__()
-        _check_stage_lengths(cfg)
-        self.num_stages = len(cfg.hidden_dims)
-        self.seq_lens = cfg.seq_lens
-        self.pad_token_id = cfg.pad_token_id
-        self.num_tokens = cfg.num_tokens
-        self.checkpoint_chunks: list[int | None] = _checkpoint_chunks(cfg, self.num_stages)
-
-        # creation order = the original's (seeded initial weights depend on it)
-        self.start_tokens = nn.ParameterList(
-            [nn.Parameter(torch.randn(model_dim)) for model_dim in cfg.hidden_dims]
-        )
-        stage_blocks = cfg.stage_blocks()
-        self.pos_embs = self._init_positional_embeddings(
-            cfg.hidden_dims, cfg.seq_lens, stage_blocks
-        )
-        self.token_embs_rev = MultiStageTokenEmbedding.build(
-            model_dims=cfg.hidden_dims,
-            seq_lens=cfg.seq_lens,
-            vocab_size=cfg.num_tokens,
-            pad_token_id=cfg.pad_token_id,
-        )
-        self.stage_models, self.to_next_stage_proj = self._init_models_at_stages(
-            cfg.hidden_dims, cfg.seq_lens, cfg.num_layers, stage_blocks
-        )
-        self.to_logits = nn.Linear(cfg.hidden_dims[-1], cfg.num_tokens)
-        self._warned_single_tensor_embeds: bool = False
-
-    @classmethod
-    def _init_positional_embeddings(
-        cls,
-        model_dims: Iterable[int],
-        seq_lens: Iterable[int],
-        blocks: Iterable[StageBlock],
-    ) -> nn.ModuleList:
-        """Creates the positional embedding of each stage."""
-        return _positional_embeddings(model_dims, seq_lens, blocks)
-
-    @classmethod
-    def _init_models_at_stages(
-        cls,
-        model_dims: Sequence[int],
-        seq_lens: Sequence[int],
-        num_stage_layers: Iterable[int],
-        blocks: Iterable[StageBlock],
-    ) -> tuple[nn.ModuleList, nn.ModuleList]:
-        """Creates the stage models and the next-stage projections."""
-        return _stage_models(model_dims, seq_lens, num_stage_layers, blocks)
+        self._init_hierarchy(cfg, with_start_tokens=True)
 
     def forward_empty(self, batch_size: int) -> torch.Tensor:
         """Logits (B, 1, V) for an empty input (the start tokens only), as the original computes
@@ -666,51 +671,8 @@ class MBLMEncoder(_HierarchyMixin):
         self.mask_token_id = config.mask_token_id
         self.reduce_strat = config.mask_reduce_strat
         self.mblm_config = config.mblm_config
-        cfg = self.mblm_config
-        _check_stage_lengths(cfg)
-        self.num_stages = len(cfg.hidden_dims)
-        self.seq_lens = cfg.seq_lens
-        self.pad_token_id = cfg.pad_token_id
-        self.num_tokens = cfg.num_tokens
-        self.checkpoint_chunks: list[int | None] = _checkpoint_chunks(cfg, self.num_stages)
-        self.final_hidden_dim = cfg.hidden_dims[-1]
-
-        stage_blocks = cfg.stage_blocks()
-        self.pos_embs = self._init_positional_embeddings(
-            cfg.hidden_dims, cfg.seq_lens, stage_blocks
-        )
-        self.token_embs_rev = MultiStageTokenEmbedding.build(
-            model_dims=cfg.hidden_dims,
-            seq_lens=cfg.seq_lens,
-            vocab_size=cfg.num_tokens,
-            pad_token_id=cfg.pad_token_id,
-        )
-        self.stage_models, self.to_next_stage_proj = self._init_models_at_stages(
-            cfg.hidden_dims, cfg.seq_lens, cfg.num_layers, stage_blocks
-        )
-        self.to_logits = nn.Linear(cfg.hidden_dims[-1], cfg.num_tokens)
-        self._warned_single_tensor_embeds: bool = False
-
-    @classmethod
-    def _init_positional_embeddings(
-        cls,
-        model_dims: Iterable[int],
-        seq_lens: Iterable[int],
-        blocks: Iterable[StageBlock],
-    ) -> nn.ModuleList:
-        """Creates the positional embedding of each stage."""
-        return _positional_embeddings(model_dims, seq_lens, blocks)
-
-    @classmethod
-    def _init_models_at_stages(
-        cls,
-        model_dims: Sequence[int],
-        seq_lens: Sequence[int],
-        num_stage_layers: Iterable[int],
-        blocks: Iterable[StageBlock],
-    ) -> tuple[nn.ModuleList, nn.ModuleList]:
-        """Creates the stage models and the next-stage projections."""
-        return _stage_models(model_dims, seq_lens, num_stage_layers, blocks)
+        self.final_hidden_dim = config.mblm_config.hidden_dims[-1]
+        self._init_hierarchy(config.mblm_config, with_start_tokens=False)
 
     def forward(
         self,
