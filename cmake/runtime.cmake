@@ -34,8 +34,9 @@ target_compile_definitions(mblm_runtime PUBLIC
 add_dependencies(mblm_runtime mblm_ops)
 
 # The command needs the model (csrc/runtime/model.cpp) in the library.
-if(EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/runtime/model.cpp")
-  add_executable(mblm-run csrc/runtime/cli/main.cpp csrc/runtime/cli/args.cpp)
+file(GLOB MBLM_RUN_SOURCES CONFIGURE_DEPENDS csrc/runtime/cli/*.cpp)
+if(EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/runtime/model.cpp" AND MBLM_RUN_SOURCES)
+  add_executable(mblm-run ${MBLM_RUN_SOURCES})
   target_link_libraries(mblm-run PRIVATE mblm_runtime)
   if(SKBUILD)
     # Installed beside the console scripts; finds torch's libraries in the environment's
