@@ -97,7 +97,8 @@ def test_greedy_generation_matches_python(model: MBLM, weights: Path) -> None:
         "--weights", weights, "--prompt", prompt.decode(), "--num-tokens", 20, "--filter-thres", 1.0
     )
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout == bytes(expected[len(prompt) :].tolist())
+    # ids above 255 (the pad id) have no byte: left out, as mblm-generate's ByteStreamer does
+    assert result.stdout == bytes(b for b in expected[len(prompt) :].tolist() if b < 256)
 
 
 def test_output_file_stats_and_config_file(weights: Path, tmp_path: Path) -> None:

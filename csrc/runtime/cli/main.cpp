@@ -127,7 +127,8 @@ int generate(const RunOptions& o, const Model& model, const c10::Device& device)
   int64_t count = 0;
   const auto on_byte = [&](int64_t /*row*/, int64_t token) {
     ++count;
-    const char byte = static_cast<char>(token & 0xFF);  // num_tokens > 256: pad/special ids
+    if (token > 255) return;  // no byte (the pad id, ids of vocabularies beyond bytes): dropped
+    const char byte = static_cast<char>(token);  // as Python's ByteStreamer does
     if (to_stdout) {
       std::fwrite(&byte, 1, 1, stdout);
       std::fflush(stdout);
