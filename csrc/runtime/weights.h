@@ -32,7 +32,7 @@ class Weights {
   std::vector<std::string> unused() const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::map<std::string, at::Tensor>& tensors() const { return tensors_; }
-  // Moves/casts every tensor (e.g. to CUDA or float64).
+  // Moves every tensor to options' device; casts the floating-point ones to its dtype, if any.
   void to(const at::TensorOptions& options);
 
  private:
