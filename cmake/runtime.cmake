@@ -38,20 +38,20 @@ file(GLOB MBLM_RUN_SOURCES CONFIGURE_DEPENDS csrc/runtime/cli/*.cpp)
 if(EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/runtime/model.cpp" AND MBLM_RUN_SOURCES)
   add_executable(mblm-run ${MBLM_RUN_SOURCES})
   target_link_libraries(mblm-run PRIVATE mblm_runtime)
+  # Installed, it finds torch's libraries where the build found them; from a wheel also in the
+  # environment's site-packages, relative to the scripts directory it is installed to.
+  get_filename_component(_torch_lib_dir "${TORCH_LIBRARY}" DIRECTORY)  # set by TorchConfig
   if(SKBUILD)
-    # Installed beside the console scripts; finds torch's libraries in the environment's
-    # site-packages (relative to bin/), else where the build found them.
     execute_process(
       COMMAND "${Python_EXECUTABLE}" -c
               "import os, sysconfig as s; print(os.path.relpath(s.get_path('platlib'), s.get_path('scripts')))"
       OUTPUT_VARIABLE _site_from_bin OUTPUT_STRIP_TRAILING_WHITESPACE)
     set_target_properties(mblm-run PROPERTIES
-      INSTALL_RPATH "$ORIGIN/${_site_from_bin}/torch/lib"
-      INSTALL_RPATH_USE_LINK_PATH ON)
+      INSTALL_RPATH "$ORIGIN/${_site_from_bin}/torch/lib;${_torch_lib_dir}")
     install(TARGETS mblm-run RUNTIME DESTINATION "${SKBUILD_SCRIPTS_DIR}")
   else()
     include(GNUInstallDirs)
-    set_target_properties(mblm-run PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
+    set_target_properties(mblm-run PROPERTIES INSTALL_RPATH "${_torch_lib_dir}")
     install(TARGETS mblm-run RUNTIME DESTINATION "${CMAKE_INSTALL_BINDIR}")
   endif()
 endif()

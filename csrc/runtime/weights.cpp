@@ -5,9 +5,6 @@
 
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -22,6 +19,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "file_io.h"
 #include "json.h"
 
 namespace mblm::runtime {
@@ -266,19 +264,6 @@ const char* dtype_name(at::ScalarType type, const std::string& tensor) {
                               ", which safetensors files of this runtime cannot hold");
 }
 
-void write_all(int fd, const char* data, size_t bytes, const std::string& tmp) {
-  while (bytes > 0) {
-    const ssize_t n = ::write(fd, data, bytes);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw std::runtime_error("save_safetensors: writing " + tmp +
-                               " failed: " + std::strerror(errno));
-    }
-    data += n;
-    bytes -= static_cast<size_t>(n);
-  }
-}
-
 }  // namespace
 
 Weights Weights::load_safetensors(const std::string& path) {
@@ -364,48 +349,15 @@ void save_safetensors(const std::string& path, const std::map<std::string, at::T
   header += "}";
   header.append((8 - header.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
 
-  const std::filesystem::path target(path);
-  const std::filesystem::path dir =
-      target.has_parent_path() ? target.parent_path() : std::filesystem::path(".");
-  std::string tmp = (dir / ("." + target.filename().string() + ".XXXXXX")).string();
-  const int fd = ::mkstemp(tmp.data());
-  if (fd < 0) {
-    throw std::runtime_error("save_safetensors: cannot create a temporary file in " + dir.string() +
-                             ": " + std::strerror(errno));
+  AtomicFile file(path);
+  unsigned char length[8];
+  for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>(header.size() >> (8 * i));
+  file.write(length, 8);
+  file.write(header.data(), header.size());
+  for (const auto& [name, t] : contiguous) {
+    file.write(t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
   }
-  bool closed = false;
-  try {
-    ::fchmod(fd, 0644);  // mkstemp creates the file private to the owner
-    unsigned char length[8];
-    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>(header.size() >> (8 * i));
-    write_all(fd, reinterpret_cast<const char*>(length), 8, tmp);
-    write_all(fd, header.data(), header.size(), tmp);
-    for (const auto& [name, t] : contiguous) {
-      write_all(fd, static_cast<const char*>(t.data_ptr()),
-                static_cast<size_t>(t.numel()) * t.element_size(), tmp);
-    }
-    const bool synced = ::fsync(fd) == 0;
-    closed = true;
-    if (::close(fd) != 0 || !synced) {
-      throw std::runtime_error("save_safetensors: flushing " + tmp +
-                               " failed: " + std::strerror(errno));
-    }
-  } catch (...) {
-    if (!closed) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw;
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    throw std::runtime_error("save_safetensors: renaming " + tmp + " to " + path +
-                             " failed: " + std::strerror(err));
-  }
-  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (dir_fd >= 0) {
-    ::fsync(dir_fd);
-    ::close(dir_fd);
-  }
+  file.commit();
 }
 
 }  // namespace mblm::runtime

@@ -215,7 +215,10 @@ std::string describe(const YAML::Node& node) {
   }
 }
 
-bool is_null(const YAML::Node& node) { return resolve(node).kind == Kind::kNull; }
+bool is_null(const YAML::Node& node) {
+  if (!node.IsDefined() || node.IsNull()) return true;
+  return node.IsScalar() && resolve(node).kind == Kind::kNull;
+}
 
 int64_t to_int(const YAML::Node& node, const std::string& field) {
   const std::string expected = "an integer";

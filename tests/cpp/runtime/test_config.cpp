@@ -4,12 +4,14 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
 #include <string>
 
 #include "config.h"
+#include "json.h"
 
 namespace mblm::runtime {
 namespace {
@@ -248,6 +250,11 @@ TEST(RuntimeConfig, BadValuesAreNamed) {
   EXPECT_TRUE(contains(
       error_of([] { parse(kStages + "train_checkpoint_chunks: 3\nblock:\n" + kTransformer); }),
       "train_checkpoint_chunks: expected a list of integers"));
+  EXPECT_TRUE(contains(
+      error_of([] { parse(kStages + "train_checkpoint_chunks: [a]\nblock:\n" + kTransformer); }),
+      "train_checkpoint_chunks[0]: expected an integer, got 'a'"));
+  EXPECT_TRUE(contains(block_error(kTransformer + "  pos_emb_type: [fixed]\n"),
+                       "block.pos_emb_type: expected null, 'fixed' or 'rope', got a list"));
   EXPECT_TRUE(contains(error_of([] { parse("num_tokens: 99999999999999999999\n"); }),
                        "num_tokens: '99999999999999999999' is out of the range"));
 }
@@ -392,12 +399,75 @@ TEST(RuntimeConfig, LoadTrainingConfigFile) {
   EXPECT_EQ(c.blocks[1].pos_emb_type, PosEmbType::kFixed);
 }
 
-TEST(RuntimeConfig, EveryShippedConfigParses) {
-  for (const auto& entry : std::filesystem::directory_iterator(MBLM_SOURCE_DIR "/configs")) {
-    if (entry.path().extension() != ".yaml") continue;
-    SCOPED_TRACE(entry.path().string());
-    EXPECT_NO_THROW(load_model_config(entry.path().string()));
+// The parsed fields as JSON (tests/runtime/test_config_parity.py compares them with pydantic's).
+std::string dump(const ModelConfig& c) {
+  const auto ints = [](const std::vector<int64_t>& v) {
+    std::string out = "[";
+    for (size_t i = 0; i < v.size(); ++i) out += (i ? "," : "") + std::to_string(v[i]);
+    return out + "]";
+  };
+  const auto number = [](double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.17g", v);
+    return std::string(buf);
+  };
+  const auto boolean = [](bool v) { return std::string(v ? "true" : "false"); };
+  std::string out = "{\"num_tokens\":" + std::to_string(c.num_tokens) +
+                    ",\"pad_token_id\":" + std::to_string(c.pad_token_id) +
+                    ",\"hidden_dims\":" + ints(c.hidden_dims) +
+                    ",\"num_layers\":" + ints(c.num_layers) + ",\"seq_lens\":" + ints(c.seq_lens) +
+                    ",\"blocks\":[";
+  for (size_t k = 0; k < c.blocks.size(); ++k) {
+    const StageBlockConfig& b = c.blocks[k];
+    const char* pos = b.pos_emb_type == PosEmbType::kNone    ? "null"
+                      : b.pos_emb_type == PosEmbType::kFixed ? "\"fixed\""
+                                                             : "\"rope\"";
+    out += std::string(k ? "," : "") + "{\"block_type\":" + json::quote(b.block_type) +
+           ",\"pos_emb_type\":" + pos;
+    if (b.is_mamba()) {
+      const MambaBlockConfig& m = b.mamba();
+      out += ",\"d_state\":" + std::to_string(m.d_state) +
+             ",\"d_conv\":" + std::to_string(m.d_conv) + ",\"expand\":" + std::to_string(m.expand) +
+             ",\"headdim\":" + std::to_string(m.headdim) + ",\"dropout\":" + number(m.dropout);
+    } else {
+      const TransformerBlockConfig& t = b.transformer();
+      out += ",\"attn_head_dims\":" + std::to_string(t.attn_head_dims) +
+             ",\"attn_num_heads\":" + std::to_string(t.attn_num_heads) +
+             ",\"attn_use_rot_embs\":" + boolean(t.attn_use_rot_embs) +
+             ",\"attn_dropout\":" + number(t.attn_dropout) +
+             ",\"ff_multiplier\":" + std::to_string(t.ff_multiplier) +
+             ",\"ff_dropout\":" + number(t.ff_dropout) +
+             ",\"use_flash_attn\":" + boolean(t.use_flash_attn);
+    }
+    out += "}";
   }
+  return out + "]}";
+}
+
+// Parses every *.yaml of MBLM_RUNTIME_CONFIG_DIR (default: configs/) and, when
+// MBLM_RUNTIME_CONFIG_OUT names a directory, writes <name>.json there: the parsed fields or
+// {"error": message}. Without the variables, every shipped config must parse.
+TEST(RuntimeConfigInterop, ParsesConfigDirectory) {
+  const char* in = std::getenv("MBLM_RUNTIME_CONFIG_DIR");
+  const char* out = std::getenv("MBLM_RUNTIME_CONFIG_OUT");
+  const std::filesystem::path dir = in ? in : MBLM_SOURCE_DIR "/configs";
+  int parsed = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().extension() != ".yaml") continue;
+    std::string result;
+    try {
+      result = dump(load_model_config(entry.path().string()));
+    } catch (const std::invalid_argument& err) {
+      result = "{\"error\":" + json::quote(err.what()) + "}";
+      if (out == nullptr) ADD_FAILURE() << err.what();
+    }
+    if (out != nullptr) {
+      std::ofstream(std::filesystem::path(out) / (entry.path().stem().string() + ".json"))
+          << result;
+    }
+    ++parsed;
+  }
+  EXPECT_GT(parsed, 0);
 }
 
 TEST(RuntimeConfig, LoadBareConfigAndFileErrors) {

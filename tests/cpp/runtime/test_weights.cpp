@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <random>
 #include <stdexcept>
 #include <string>
 
@@ -230,6 +231,36 @@ TEST(RuntimeWeights, MalformedHeadersFailClearly) {
                           std::string("\x01\x07", 2)),
                "neither 0 nor 1"));
   EXPECT_TRUE(contains(load_error(file_with_header(std::string(70, '['), 0)), "nested deeper"));
+}
+
+// Random byte changes in the header and the length field: the reader either loads something
+// consistent or throws std::runtime_error; it never crashes or reads out of bounds.
+TEST(RuntimeWeights, CorruptedHeadersNeverCrash) {
+  const std::string path = temp_path("fuzz.safetensors");
+  save_safetensors(path, fixture_tensors(), {{"format", "mblm"}});
+  const std::string full = read_bytes(path);
+  uint64_t header = 0;
+  for (int i = 7; i >= 0; --i) header = (header << 8) | static_cast<unsigned char>(full[i]);
+  std::mt19937 rng(1234);
+  int rejected = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    std::string bytes = full;
+    const int edits = 1 + static_cast<int>(rng() % 3);
+    for (int e = 0; e < edits; ++e) {
+      const size_t at = rng() % (8 + header);
+      bytes[at] = static_cast<char>(rng() % 256);
+    }
+    write_bytes(path, bytes);
+    try {
+      const Weights w = Weights::load_safetensors(path);
+      for (const auto& [name, t] : w.tensors()) EXPECT_TRUE(t.defined()) << name;
+    } catch (const std::runtime_error& err) {
+      EXPECT_NE(std::string(err.what()).find(path), std::string::npos);
+      ++rejected;
+    }
+  }
+  EXPECT_GT(rejected, 100);
+  fs::remove(path);
 }
 
 TEST(RuntimeWeights, MissingFile) {
