@@ -88,6 +88,18 @@ TEST_P(ModelFixture, Float64LogitsMatchPython) {
   EXPECT_LE((logits - f.tensor("logits").to(at::kDouble)).abs().max().item<double>(), 1e-5);
 }
 
+TEST_P(ModelFixture, BFloat16RunsCloseToFloat32) {
+  auto f = load_fixture(GetParam());
+  f.weights.to(at::TensorOptions().dtype(at::kBFloat16));
+  const Model model(f.config, f.weights);
+  const auto logits = model.logits(f.tensor("ids"));
+  EXPECT_EQ(logits.scalar_type(), at::kBFloat16);
+  // bf16 keeps 8 bits of mantissa: the logits (about +-1) move by up to 0.017 here
+  EXPECT_LE((logits.to(at::kFloat) - f.tensor("logits")).abs().max().item<double>(), 0.05);
+  const auto got = model.generate(f.prompts(), 4, greedy());
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i].numel(), f.prompts()[i].numel() + 4);
+}
+
 TEST_P(ModelFixture, GreedyGenerationMatchesPython) {
   const auto f = load_fixture(GetParam());
   const Model model(f.config, f.weights);
