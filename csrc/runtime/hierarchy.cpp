@@ -215,31 +215,26 @@ at::Tensor Hierarchy::run_stages(const at::Tensor& ids) const {
     }
     embs[k] = std::move(emb);
   }
+  // Stage k's input (N_k, 1 + s, D_k): the start token, then the patches' embeddings plus learned
+  // positions plus the previous stage's projected outputs, over the first `length` patches.
+  const auto assemble = [&](int64_t k, int64_t length, const at::Tensor& prev) {
+    const auto x = embs[k].reshape({-1, embs[k].size(-2), embs[k].size(-1)}).narrow(1, 0, length);
+    std::optional<at::Tensor> pos, previous;
+    if (fixed_pos_[k].defined()) pos = fixed_pos_[k].narrow(0, 0, length);
+    if (prev.defined()) previous = prev.narrow(1, 0, length);
+    return mblm::stage_input_fwd(x, start_tokens_[k], pos, previous);
+  };
   at::Tensor prev;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t seq_len = embs[k].size(-2);
-    at::Tensor x = embs[k].reshape({-1, seq_len, embs[k].size(-1)});
-    at::Tensor pos = fixed_pos_[k].defined() ? fixed_pos_[k].narrow(0, 0, seq_len) : at::Tensor();
-    const auto assemble = [&] {
-      return mblm::stage_input_fwd(x, start_tokens_[k],
-                                   pos.defined() ? std::optional(pos) : std::nullopt,
-                                   prev.defined() ? std::optional(prev) : std::nullopt);
-    };
-    if (k == n - 1) return stages_[k]->forward(assemble());
+  for (int64_t k = 0; k + 1 < n; ++k) {
     // Output i feeds patch i + 1: the output after the last patch is not used. A causal
     // Transformer stage computes the others without that last input at all.
-    at::Tensor y;
-    if (stages_[k]->skips_unused_last_input()) {
-      x = x.narrow(1, 0, seq_len - 1);
-      if (pos.defined()) pos = pos.narrow(0, 0, seq_len - 1);
-      if (prev.defined()) prev = prev.narrow(1, 0, seq_len - 1);
-      y = stages_[k]->forward(assemble());
-    } else {
-      y = stages_[k]->forward(assemble()).narrow(1, 0, seq_len);
-    }
+    const int64_t seq_len = embs[k].size(-2);
+    const auto y = stages_[k]->skips_unused_last_input()
+                       ? stages_[k]->forward(assemble(k, seq_len - 1, prev))
+                       : stages_[k]->forward(assemble(k, seq_len, prev)).narrow(1, 0, seq_len);
     prev = project(k, y);
   }
-  return prev;  // not reached: the local stage returns above
+  return stages_[n - 1]->forward(assemble(n - 1, embs[n - 1].size(-2), prev));
 }
 
 at::Tensor Hierarchy::forward_empty(int64_t batch) const {
