@@ -78,7 +78,39 @@ class _BookSplit:
             return read_range(self.files, self.sizes, start, end, self.dataset, bar)
 
 
-class PG19(DistributedDataset[BatchWithLossMask]):
+class _BookAccess:
+    """Access to the books of a split and to random windows of this worker's bytes, shared by
+    PG19 and PG19Masked (which set ``txt_files``, ``data`` and ``seq_len``)."""
+
+    txt_files: list[Path]
+    data: torch.Tensor
+    seq_len: int
+
+    def book(self, name: str) -> str:
+        """The text of the book file ``name`` (e.g. ``"44381.txt"``)."""
+        for path in self.txt_files:
+            if path.name == name:
+                return path.read_text(encoding="utf8")
+        raise ValueError(f"Book {name} does not exist")
+
+    def iter_sequences_rand(self) -> Generator[torch.Tensor, None, None]:
+        """Endless random windows of ``seq_len`` bytes of this worker's data (``random``)."""
+        last_start = len(self.data) - self.seq_len - 1
+        while True:
+            start = random.randint(0, last_start)
+            yield self.data[start : start + self.seq_len]
+
+    def iter_books(self, shuffle: bool = False) -> Generator[tuple[str, str], None, None]:
+        """``(file name, text)`` of every book, in reading order or shuffled (``random``)."""
+        order = list(range(len(self.txt_files)))
+        if shuffle:
+            random.shuffle(order)
+        for i in order:
+            path = self.txt_files[i]
+            yield path.name, path.read_text(encoding="utf8")
+
+
+class PG19(_BookAccess, DistributedDataset[BatchWithLossMask]):
     """Sequential byte dataset over one PG19 split; a sample is ``(bytes as long, ones as
     float16 loss mask)`` of ``seq_len`` bytes.
 
@@ -127,26 +159,3 @@ class PG19(DistributedDataset[BatchWithLossMask]):
         start = from_idx - self._worker_range_start
         sample = self.data[start : start + self.seq_len].long()
         return sample, torch.ones_like(sample, dtype=torch.float16)
-
-    def book(self, name: str) -> str:
-        """The text of the book file ``name`` (e.g. ``"44381.txt"``)."""
-        for path in self.txt_files:
-            if path.name == name:
-                return path.read_text(encoding="utf8")
-        raise ValueError(f"Book {name} does not exist")
-
-    def iter_sequences_rand(self) -> Generator[torch.Tensor, None, None]:
-        """Endless random windows of ``seq_len`` bytes of this worker's data (``random``)."""
-        last_start = len(self.data) - self.seq_len - 1
-        while True:
-            start = random.randint(0, last_start)
-            yield self.data[start : start + self.seq_len]
-
-    def iter_books(self, shuffle: bool = False) -> Generator[tuple[str, str], None, None]:
-        """``(file name, text)`` of every book, in reading order or shuffled (``random``)."""
-        order = list(range(len(self.txt_files)))
-        if shuffle:
-            random.shuffle(order)
-        for i in order:
-            path = self.txt_files[i]
-            yield path.name, path.read_text(encoding="utf8")

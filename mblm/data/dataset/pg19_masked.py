@@ -5,15 +5,13 @@ Same directory layout and reading as ``mblm.data.dataset.pg19``.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from typing_extensions import Unpack
 
-from mblm.data.dataset.pg19 import _BookSplit
+from mblm.data.dataset.pg19 import _BookAccess, _BookSplit
 from mblm.data.datasets import DistributedDataset, DistributedDatasetConfig
 from mblm.data.types import BatchMaskedForMLM, ModelMode
 
@@ -21,7 +19,7 @@ if TYPE_CHECKING:
     from mblm.train.mblm import TrainMaskedEntryConfig
 
 
-class PG19Masked(DistributedDataset[BatchMaskedForMLM]):
+class PG19Masked(_BookAccess, DistributedDataset[BatchMaskedForMLM]):
     """Sequential dataset of ``(masked ids, mask, labels)``: each byte is masked with
     probability ``masking_proba`` (drawn from torch's global generator). A window shorter than
     ``seq_len`` is right-padded with ``padding_token_id`` (mask False there)."""
@@ -86,26 +84,3 @@ class PG19Masked(DistributedDataset[BatchMaskedForMLM]):
             labels = torch.cat([labels, pad])
             mask = torch.cat([mask, torch.zeros(missing, dtype=torch.bool)])
         return masked.long(), mask.bool(), labels.long()
-
-    def book(self, name: str) -> str:
-        """The text of the book file ``name``."""
-        for path in self.txt_files:
-            if path.name == name:
-                return path.read_text(encoding="utf8")
-        raise ValueError(f"Book {name} does not exist")
-
-    def iter_sequences_rand(self) -> Generator[torch.Tensor, None, None]:
-        """Endless random windows of ``seq_len`` bytes of this worker's data (``random``)."""
-        last_start = len(self.data) - self.seq_len - 1
-        while True:
-            start = random.randint(0, last_start)
-            yield self.data[start : start + self.seq_len]
-
-    def iter_books(self, shuffle: bool = False) -> Generator[tuple[str, str], None, None]:
-        """``(file name, text)`` of every book, in reading order or shuffled (``random``)."""
-        order = list(range(len(self.txt_files)))
-        if shuffle:
-            random.shuffle(order)
-        for i in order:
-            path = self.txt_files[i]
-            yield path.name, path.read_text(encoding="utf8")
