@@ -107,6 +107,9 @@ def test_pg19_masked(pg19_dir):
     assert 20 < int(mask.sum()) < 80
     assert torch.equal(masked[mask], torch.full((int(mask.sum()),), 300))
     assert torch.equal(masked[~mask], labels[~mask]) and labels.eq(ord("A")).all()
+    names = [name for name, _ in ds.iter_books()]
+    assert names and ds.book(names[0]) == dict(ds.iter_books())[names[0]]
+    assert next(ds.iter_sequences_rand()).numel() == 100
     with pytest.raises(ValueError, match="same value"):
         PG19Masked(
             pg19_dir,
