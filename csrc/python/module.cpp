@@ -1,5 +1,6 @@
 // The Python extension module mblm._C. Importing it runs the TORCH_LIBRARY registrations of
-// every op object linked in; the module itself only reports how it was built.
+// every op object linked in; the module reports how it was built and, when the C++ runtime is
+// linked in, holds RuntimeModel (runtime_bindings.cpp).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -7,6 +8,10 @@
 #include <vector>
 
 namespace py = pybind11;
+
+#ifdef MBLM_WITH_RUNTIME
+void register_runtime(py::module_& m);
+#endif
 
 namespace {
 
@@ -22,6 +27,11 @@ py::dict build_info() {
   info["cuda_archs"] = std::string(MBLM_CUDA_ARCHS);
   info["cpu_arch"] = std::string(MBLM_CPU_ARCH);
   info["compiler"] = std::string(__VERSION__);
+#ifdef MBLM_WITH_RUNTIME
+  info["runtime"] = true;
+#else
+  info["runtime"] = false;
+#endif
   return info;
 }
 
@@ -30,4 +40,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mblm-cpp compute core: registers the torch.ops.mblm operators";
   m.def("build_info", &build_info, "How this extension was built (torch, CUDA, CPU arch)");
+#ifdef MBLM_WITH_RUNTIME
+  register_runtime(m);
+#endif
 }

@@ -243,12 +243,6 @@ void check_sizes(const ModelConfig& c, const std::string& where) {
 
 }  // namespace
 
-int64_t ModelConfig::context_length() const {
-  int64_t product = 1;
-  for (int64_t len : seq_lens) product *= len;
-  return product;
-}
-
 ModelConfig parse_model_config(const YAML::Node& node, const std::string& where) {
   if (!node.IsDefined() || !node.IsMap()) {
     throw std::invalid_argument((where.empty() ? std::string("model config") : where) +

@@ -1,7 +1,9 @@
 // Model config of the C++ runtime: the same YAML schema as the Python package's MBLMModelConfig
 // (mblm/model/config.py) and its stage blocks (TransformerBlock, TransformerEncoderBlock,
 // MambaBlock), same field names and defaults. Parsing errors name the field (e.g.
-// "params.block[1].d_state: expected an integer, got 'x'").
+// "params.block[1].d_state: expected an integer, got 'x'"). The structs need nothing but the
+// standard library; the parsers below (config.cpp) need yaml-cpp and live in mblm_runtime, not
+// in mblm_runtime_core (the Python binding fills the structs itself).
 #pragma once
 
 #include <cstdint>
@@ -57,7 +59,11 @@ struct ModelConfig {
   std::vector<StageBlockConfig> blocks;  // one per stage (a single YAML block is repeated)
 
   int64_t num_stages() const { return static_cast<int64_t>(hidden_dims.size()); }
-  int64_t context_length() const;  // product of seq_lens
+  int64_t context_length() const {  // product of seq_lens
+    int64_t product = 1;
+    for (const int64_t len : seq_lens) product *= len;
+    return product;
+  }
 };
 
 // Parses a model config node (the fields of MBLMModelConfig). `where` prefixes field names in

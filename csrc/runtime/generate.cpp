@@ -63,7 +63,8 @@ std::vector<at::Tensor> generate_cached(const Hierarchy& model,
   if (!active.empty()) {
     const auto long_opts = model.options().dtype(at::kLong);
     const CpuSmallOpScope small_ops(model.options().device().is_cpu());
-    auto generator = at::make_generator<at::CPUGeneratorImpl>(sampling.seed);
+    auto generator = sampling.generator ? *sampling.generator
+                                        : at::make_generator<at::CPUGeneratorImpl>(sampling.seed);
     HierarchicalDecoder decoder(model, static_cast<int64_t>(active.size()), max_len);
     std::vector<int64_t> rows(active.size());
     std::vector<at::Tensor> active_prompts;

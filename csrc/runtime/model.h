@@ -3,6 +3,7 @@
 // with the Python package's sampling (mblm/model/decoding.py).
 #pragma once
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -26,6 +27,9 @@ struct SamplingOptions {
   // Seed of the CPU generator the Gumbel noise is drawn from: generate(..., seed = s) gives
   // Python's generate(..., generator=torch.Generator().manual_seed(s)) (CPU models).
   uint64_t seed = 0;
+  // A CPU generator to draw the noise from instead (shared, it advances as Python's would: one
+  // uniform number per logit and step, greedy included); `seed` is then unused.
+  std::optional<at::Generator> generator;
 };
 
 class Model {
@@ -58,6 +62,11 @@ class Model {
   // process-wide setting, restored when the last concurrent call returns).
   std::vector<at::Tensor> generate(
       const std::vector<at::Tensor>& prompts, int64_t num_tokens_to_generate,
+      const SamplingOptions& sampling,
+      const std::function<void(int64_t, int64_t)>& on_byte = nullptr) const;
+  // The same with the bytes to generate given per prompt (steps[i] <= 0: none for prompt i).
+  std::vector<at::Tensor> generate(
+      const std::vector<at::Tensor>& prompts, const std::vector<int64_t>& steps,
       const SamplingOptions& sampling,
       const std::function<void(int64_t, int64_t)>& on_byte = nullptr) const;
 

@@ -52,10 +52,10 @@ void check_sampling(double temperature, double filter_thres, int64_t vocab) {
 
 at::Tensor sample_next(const at::Tensor& logits, double filter_thres, double temperature,
                        at::Generator& generator) {
-  const int64_t kept = num_kept_logits(filter_thres, logits.size(-1));
-  if (kept == 1) return std::get<1>(at::topk(logits, 1, -1)).select(1, 0);
   const auto noise =
       at::zeros(logits.sizes(), logits.options().device(at::kCPU)).uniform_(0, 1, generator);
+  const int64_t kept = num_kept_logits(filter_thres, logits.size(-1));
+  if (kept == 1) return std::get<1>(at::topk(logits, 1, -1)).select(1, 0);
   const auto [values, indices] = at::topk(logits, kept);
   const auto filtered =
       at::full_like(logits, -std::numeric_limits<double>::infinity()).scatter_(1, indices, values);

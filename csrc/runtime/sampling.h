@@ -18,7 +18,8 @@ void check_sampling(double temperature, double filter_thres, int64_t vocab);
 
 // logits (R, V) -> (R,) int64. The noise is one uniform number per logit drawn from `generator`
 // (a CPU generator) in the order of torch.zeros_like(logits).uniform_(0, 1, generator=...), so a
-// generator seeded like Python's gives Python's samples. Greedy decoding draws nothing.
+// generator seeded like Python's gives Python's samples. Greedy decoding draws the noise too and
+// ignores it, as Python does: the generator ends in Python's state.
 at::Tensor sample_next(const at::Tensor& logits, double filter_thres, double temperature,
                        at::Generator& generator);
 

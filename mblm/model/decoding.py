@@ -17,13 +17,17 @@ distribution is ``forward_empty``'s (as the original computes it).
 
 ``HierarchicalDecoder`` holds the caches of a batch of rows that may sit at different positions;
 ``generate`` implements ``MBLM.generate`` on top of it (and keeps the full-recompute loop for
-``use_cache=False`` and for stage models without a cache).
+``use_cache=False`` and for stage models without a cache). Where it can, ``generate`` runs the
+same cached decoding on the C++ runtime instead (``mblm.model.runtime_decoding``: same bytes,
+less overhead per byte); ``RUNTIME_DECODING = False`` or the environment variable
+``MBLM_DECODER=python`` keeps it in Python.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from itertools import groupby
 
@@ -33,11 +37,21 @@ from tqdm import tqdm
 
 from mblm.model.cache import make_stage_cache, supports_cache
 from mblm.model.config import MBLMReturnType
+from mblm.model.runtime_decoding import generate_on_runtime, runtime_model
 from mblm.model.utils import RoPE, log, top_k
 from mblm.ops._common import warn_once
 from mblm.utils.stream import ByteStreamer
 
-__all__ = ["HierarchicalDecoder", "generate", "sample_next", "stage_tokens"]
+__all__ = ["RUNTIME_DECODING", "HierarchicalDecoder", "generate", "sample_next", "stage_tokens"]
+
+RUNTIME_DECODING = True
+"""Cached generation runs on the C++ runtime where it applies (see ``runtime_model``). False, or
+the environment variable ``MBLM_DECODER=python`` (read at every call), forces the Python
+decoder, e.g. to compare the two or to debug."""
+
+
+def _runtime_decoding_enabled() -> bool:
+    return RUNTIME_DECODING and os.environ.get("MBLM_DECODER", "").strip().lower() != "python"
 
 
 def _model_error(message: str) -> Exception:
@@ -495,7 +509,11 @@ def generate(
             "forward pass for every byte"
         )
         use_cache = False
-    if use_cache:
+    runtime = runtime_model(model, generator) if use_cache and _runtime_decoding_enabled() else None
+    if runtime is not None:
+        outputs = generate_on_runtime(runtime, prompts, steps, streams, end_of_gen_token_id,
+                                      progress, sampling)  # fmt: skip
+    elif use_cache:
         outputs = _generate_cached(model, prompts, steps, streams, end_of_gen_token_id, progress,
                                    sampling)  # fmt: skip
     else:

@@ -353,6 +353,8 @@ class MBLM(_HierarchyMixin):
     def __init__(self, cfg: MBLMModelConfig):
         super().__init__()
         self._init_hierarchy(cfg, with_start_tokens=True)
+        # what the C++ runtime builds its decoder from (generate); not part of the state_dict
+        self._config = cfg.model_copy(deep=True)
 
     def forward_empty(self, batch_size: int) -> torch.Tensor:
         """Logits (B, 1, V) for an empty input (the start tokens only), as the original computes
@@ -573,7 +575,10 @@ class MBLM(_HierarchyMixin):
                 and runs once per completed patch (the local stage once per byte), the prompt is
                 fed in one pass. False: the original loop, a full forward pass over the whole
                 sequence for every byte. Both give the same bytes (greedy decoding is tested
-                equal). As in the original, the model is not switched to eval mode: call
+                equal). On CPU the cached loop runs in the C++ runtime where it applies (float32
+                /float64, Transformer/Mamba stages, no active dropout), with the same bytes and
+                generator use as the Python decoder (``mblm.model.decoding.RUNTIME_DECODING``).
+                As in the original, the model is not switched to eval mode: call
                 ``model.eval()`` when its stages have dropout.
             generator: draw the sampling noise from this generator (on the model's device)
                 instead of the global one.

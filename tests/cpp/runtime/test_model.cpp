@@ -3,6 +3,7 @@
 // the loss, greedy and seeded sampled generation byte for byte; and clear errors for weights that
 // do not fit the config and for bad inputs.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -149,6 +150,28 @@ TEST_P(ModelFixture, SeededSamplingMatchesPython) {
   bool differs = false;
   for (size_t i = 0; i < got.size(); ++i) differs = differs || !at::equal(got[i], other[i]);
   EXPECT_TRUE(differs);
+}
+
+TEST_P(ModelFixture, GivenGeneratorIsDrawnFromAsPythonDraws) {
+  const auto f = load_fixture(GetParam());
+  const Model model(f.config, f.weights);
+  SamplingOptions options;
+  options.temperature = f.meta_double("temperature");
+  options.filter_thres = f.meta_double("filter_thres");
+  const auto seed = static_cast<uint64_t>(f.meta_int("seed"));
+  options.generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  expect_rows(model.generate(f.prompts(), f.meta_int("gen_tokens"), options), f, "sampled");
+  // one uniform number per logit and step, greedy included (Python draws the noise then too)
+  const auto drawn = [&](const SamplingOptions& o, int64_t steps) {
+    auto expected = at::make_generator<at::CPUGeneratorImpl>(seed);
+    at::empty({steps, f.config.num_tokens}).uniform_(0, 1, expected);
+    return o.generator->current_seed() == expected.current_seed() &&
+           at::equal(o.generator->get_state(), expected.get_state());
+  };
+  options.generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  options.filter_thres = 1.0;
+  model.generate({f.prompts().back()}, 3, options);
+  EXPECT_TRUE(drawn(options, 3));
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFixture,
