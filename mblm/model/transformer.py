@@ -256,6 +256,17 @@ class Attend(nn.Module):
         self.flash = flash
         self.attn_cfg = _sdpa_backends(flash)
 
+    # torch's SDPBackend values cannot be pickled (so torch.save(model) fails in the original):
+    # they are left out and rebuilt from ``flash`` on load.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["attn_cfg"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.attn_cfg = _sdpa_backends(self.flash)
+
     def get_mask(self, i: int, j: int, device: torch.device) -> torch.Tensor:
         """True where query i may not see key j (strictly upper triangle, bottom-aligned)."""
         return torch.ones((i, j), device=device, dtype=torch.bool).triu(j - i + 1)

@@ -438,3 +438,22 @@ def test_checkpoints_of_the_0_4_0_embedding_layout_load():
     torch.testing.assert_close(
         fresh.token_embs_rev[0].embedding.weight, model.token_embs_rev[0].embedding.weight + 1
     )
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_whole_model_pickles(flash):
+    """torch.save(model) works (the original fails on torch's SDPBackend values); the loaded model
+    computes the same logits and generates the same bytes."""
+    model = _model(block=_block(use_flash_attn=flash)).eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    attend = loaded.stage_models[0].layers[0][0].attend
+    assert attend.attn_cfg == model.stage_models[0].layers[0][0].attend.attn_cfg
+    x = _ids((2, 13))
+    torch.testing.assert_close(loaded(x, return_type=RT.LOGITS), model(x, return_type=RT.LOGITS))
+    prompt = _ids((5,))
+    assert torch.equal(
+        loaded.generate(prompt, num_tokens_to_generate=6, enable_progress=False),
+        model.generate(prompt, num_tokens_to_generate=6, enable_progress=False),
+    )
