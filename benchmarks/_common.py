@@ -58,6 +58,22 @@ CSV_COLUMNS = (
 )
 
 
+def original_python(given: str | None = None) -> str:
+    """The python of a venv with the original mblm==0.4.2: ``given``, or the one
+    benchmarks/setup_original.sh creates (on first use) in build/orig-venv. An absolute path, so
+    that workers started in another directory find it."""
+    if given:
+        return str(Path(given).absolute())
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        ["bash", str(root / "benchmarks" / "setup_original.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return str(root / out.stdout.strip().splitlines()[-1])  # the script prints a relative path
+
+
 def cpu_model() -> str:
     """The CPU model name (from /proc/cpuinfo on Linux), else platform.processor()."""
     try:

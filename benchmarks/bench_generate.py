@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))  # this checkout's mblm, not an installed one
-from _common import append_rows, base_row, print_table  # noqa: E402
+from _common import append_rows, base_row, original_python, print_table  # noqa: E402
 
 
 def _tf(heads: int) -> dict:
@@ -153,18 +153,6 @@ def run_worker(python: str, env: dict, config: Path, lengths: list[int], args, n
     return result["file"], {int(k): v for k, v in result["per_byte_s"].items()}
 
 
-def original_python(args) -> str:
-    if args.orig_python:
-        return args.orig_python
-    out = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "setup_original.sh")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return str(ROOT / out.stdout.strip().splitlines()[-1])  # the script prints a relative path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="transformer")
@@ -218,7 +206,7 @@ def main() -> None:
         if not args.no_original:
             orig_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             orig_env["PYTEST_CURRENT_TEST"] = "bench"  # silences the Mamba fallback warning
-            file, peers["mblm==0.4.2"] = run_worker(original_python(args), orig_env, config,
+            file, peers["mblm==0.4.2"] = run_worker(original_python(args.orig_python), orig_env, config,
                                                     all_samples, args)  # fmt: skip
             assert "site-packages" in file, f"the original run imported a checkout: {file}"
             print("original sampled", flush=True)

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_rows, base_row, print_table  # noqa: E402
+from _common import append_rows, base_row, original_python, print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,17 +135,7 @@ def main() -> None:
     parser.add_argument("--no-csv", action="store_true")
     args = parser.parse_args()
 
-    orig_python = (
-        args.orig_python
-        or subprocess.run(
-            ["bash", str(ROOT / "benchmarks" / "setup_original.sh")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    orig_python = original_python(args.orig_python)
     ours_env = dict(os.environ, PYTHONPATH=str(ROOT))
     orig_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     orig_env["PYTEST_CURRENT_TEST"] = "bench"  # silences the original's Mamba fallback warning

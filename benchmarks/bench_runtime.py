@@ -7,7 +7,9 @@ batch 1:
 
 - runtime: ``mblm-run --stats`` (its own timing of the generate call, after the model is loaded;
   each run is a fresh process, so its first-call costs are included);
-- peer: ``model.generate(prompt, num_tokens_to_generate=N)`` in this process, after a warm-up.
+- peer: ``model.generate(prompt, num_tokens_to_generate=N)`` in this process on the Python
+  decoder (``MBLM_DECODER=python``), after a warm-up; the row's note also gives the default
+  ``model.generate`` (which decodes on the same C++ runtime through ``mblm._C``).
 
 Runs alternate (runtime, Python, runtime, ...) and the medians of ``--repeats`` are compared; the
 table shows the speedup of the runtime. Both must produce the same bytes (greedy decoding); the
@@ -63,14 +65,26 @@ def run_runtime(cmd: list[str], out: Path) -> tuple[float, bytes]:
     return float(match[2]), out.read_bytes()
 
 
-def run_python(model, prompt: torch.Tensor, n: int, device: torch.device) -> tuple[float, bytes]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model.generate(prompt.to(device), num_tokens_to_generate=n, enable_progress=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+def run_python(
+    model, prompt: torch.Tensor, n: int, device: torch.device, decoder: str = "python"
+) -> tuple[float, bytes]:
+    """``model.generate`` on the Python decoder (``decoder="python"``) or on the default one
+    (``"auto"``: the C++ runtime's, through mblm._C, where it applies)."""
+    previous = os.environ.get("MBLM_DECODER")
+    os.environ["MBLM_DECODER"] = decoder
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(prompt.to(device), num_tokens_to_generate=n, enable_progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    finally:
+        if previous is None:
+            os.environ.pop("MBLM_DECODER")
+        else:
+            os.environ["MBLM_DECODER"] = previous
     # mblm-run writes bytes; ids above 255 (the pad id) have no byte and are left out
     return seconds, bytes(b for b in out[prompt.numel() :].tolist() if b < 256)
 
@@ -102,22 +116,27 @@ def bench_model(name: str, args, binary: str, tmp: Path) -> dict:
         "--stats",
     ]  # fmt: skip
 
-    run_python(model, prompt, min(64, args.bytes), device)  # warm-up
-    runtime_s, python_s = [], []
-    runtime_bytes = python_bytes = b""
+    run_python(model, prompt, min(64, args.bytes), device)  # warm-ups
+    run_python(model, prompt, min(64, args.bytes), device, "auto")
+    runtime_s, python_s, default_s = [], [], []
+    runtime_bytes = python_bytes = default_bytes = b""
     for _ in range(args.repeats):
         seconds, runtime_bytes = run_runtime(cmd, out)
         runtime_s.append(seconds)
         seconds, python_bytes = run_python(model, prompt, args.bytes, device)
         python_s.append(seconds)
+        seconds, default_bytes = run_python(model, prompt, args.bytes, device, "auto")
+        default_s.append(seconds)
     impl, peer = statistics.median(runtime_s), statistics.median(python_s)
-    same = runtime_bytes == python_bytes
+    default = statistics.median(default_s)
+    same = runtime_bytes == python_bytes == default_bytes
     if not same:
         print(f"WARNING {name}: mblm-run and MBLM.generate produced different bytes", flush=True)
     shape = f"seq_lens={cfg['seq_lens']} dims={cfg['hidden_dims']} layers={cfg['num_layers']}"
     notes = [
         f"runtime {args.bytes / impl:.0f} bytes/s",
-        f"python {args.bytes / peer:.0f} bytes/s",
+        f"python decoder {args.bytes / peer:.0f} bytes/s",
+        f"MBLM.generate default (runtime decoder via mblm._C) {args.bytes / default:.0f} bytes/s",
         "same bytes" if same else "DIFFERENT BYTES",
         args.note,
     ]
@@ -130,7 +149,7 @@ def bench_model(name: str, args, binary: str, tmp: Path) -> dict:
         "dtype": "float32",
         "mode": "greedy",
         "impl_ms": impl * 1e3,
-        "peer": "python MBLM.generate (cached)",
+        "peer": "MBLM.generate (cached, Python decoder)",
         "peer_ms": peer * 1e3,
         "ratio": peer / impl,
         "repeats": args.repeats,
