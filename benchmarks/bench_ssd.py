@@ -6,8 +6,8 @@ Usage: python benchmarks/bench_ssd.py [--quick] [--device cpu|cuda] [--dtype flo
 The peer is ``ssd_chunked_ref`` (mblm/ops/reference.py): the "SSD minimal" algorithm of the
 Mamba2 paper (intra-chunk masked products, chunk states, a recurrence over chunks), batched
 matrix products with torch autograd, which is what a user without mamba_ssm's Triton kernels
-would run. Both sides get what the Mamba2 layer passes: x, B and C as views of one
-(B, L, d_inner + 2 G N) conv output and dt as a slice of the in_proj output, all requiring grad,
+would run. Both sides get what the Mamba2 layer passes: x, B and C split (torch.split) from one
+(B, L, d_inner + 2 G N) conv output and dt split from the in_proj output, all requiring grad,
 with D (H,), dt_bias and softplus. Shapes: Mamba2 defaults (headdim 64, expand 2, G = 1) at
 d_model 512 (H = 16), batch 2, L 4096, d_state 128 and 16.
 
@@ -81,10 +81,11 @@ def make_fns(case: Case, device: torch.device, dtype: torch.dtype, chunk_size: i
     grad = randn(b, length, h, p)
 
     def views():
-        x = xbc[..., : h * p].view(b, length, h, p)
-        B = xbc[..., h * p : h * p + g * n].view(b, length, g, n)
-        C = xbc[..., h * p + g * n :].view(b, length, g, n)
-        return x, proj[..., 2 * h * p :], B, C
+        # torch.split, as the Mamba2 layer splits its tensors: the backward assembles each
+        # base's gradient once (slicing would zero-fill a full base per slice)
+        x, B, C = torch.split(xbc, [h * p, g * n, g * n], dim=-1)
+        dt = torch.split(proj, [2 * h * p, h], dim=-1)[1]
+        return x.view(b, length, h, p), dt, B.view(b, length, g, n), C.view(b, length, g, n)
 
     def mblm_fwd():
         x, dt, B, C = views()
