@@ -37,8 +37,11 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "attention_vec.h"
-#include "huge_pages.h"
 
 namespace mblm {
 
@@ -750,7 +753,21 @@ Rotary<acc_t> make_rotary(const std::pair<at::Tensor, at::Tensor>& tables) {
   return rot;
 }
 
-using cpu::advise_huge_pages;
+// Asks the kernel to back a large fresh output with transparent huge pages (what torch's own
+// allocator does under THP_MEM_ALLOC_ENABLE=1): the kernels write every byte of their outputs,
+// and first-touch page faults on 4 KiB pages cost as much as the attention itself on some VMs.
+// Only the 2 MiB-aligned interior of the buffer is advised; failures are harmless.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const int64_t bytes = t.numel() * t.element_size();
+  if (bytes < int64_t{8} << 20) return;
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (start + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#endif
+}
 
 at::ScalarType acc_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

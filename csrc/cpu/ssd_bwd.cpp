@@ -44,7 +44,6 @@
 #include <tuple>
 #include <vector>
 
-#include "huge_pages.h"
 #include "mblm/ssd.h"
 #include "ssd_layout.h"
 
@@ -457,7 +456,6 @@ SsdGrads ssd_bwd_cpu(const at::Tensor& grad_y_in, const std::optional<at::Tensor
   const auto contiguous = at::MemoryFormat::Contiguous;
 
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(contiguous));
-  cpu::advise_huge_pages(grad_x);
   at::Tensor grad_B = at::empty(B.sizes(), B.options().memory_format(contiguous));
   at::Tensor grad_C = at::empty(C.sizes(), C.options().memory_format(contiguous));
   at::Tensor gdt = at::zeros({dm.batch, dm.length, dm.heads}, opts);

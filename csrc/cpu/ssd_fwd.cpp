@@ -23,7 +23,6 @@
 #include <tuple>
 #include <vector>
 
-#include "huge_pages.h"
 #include "mblm/ssd.h"
 #include "ssd_layout.h"
 
@@ -149,8 +148,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_fwd_cpu(
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor final_state = at::empty({dm.batch, dm.heads, dm.headdim, dm.dstate}, opts);
   at::Tensor checkpoints = at::empty({dm.batch, dm.heads, dm.chunks, dm.headdim, dm.dstate}, opts);
-  cpu::advise_huge_pages(y);
-  cpu::advise_huge_pages(checkpoints);
   if (final_state.numel() == 0) {
     // No state elements (B, H, P or N is 0): y = D x, or zeros.
     final_state.zero_();
