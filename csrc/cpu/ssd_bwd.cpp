@@ -247,6 +247,7 @@ void grad_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gB, const PnSplit& s
         gys(kStepBlock * P), V(kStepBlock * kTileLanes), W(kStepBlock * kTileLanes),
         acc(kStepBlock * kTileLanes), Q(kStepBlock * P * kQLanes);
     std::vector<double> gd(sp.per_heads * P);  // sums over L steps
+    std::vector<acc_t> gd_blk(P);              // the block's share, added to gd once
     for (int64_t u = begin; u < end; ++u) {
       const int64_t s = u % sp.heads, bg = u / sp.heads;
       const int64_t g = bg % dm.groups, b = bg / dm.groups;
@@ -310,6 +311,8 @@ void grad_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gB, const PnSplit& s
           }
           double* gdh = gd.data() + (h - tl.h0) * P;
           const acc_t* dr = Dp ? Dp + h * P : nullptr;
+          acc_t* gd_sum = gd_blk.data();
+          std::fill(gd_blk.begin(), gd_blk.end(), acc_t(0));
           for (int64_t i = 0; i < steps; ++i) {
             const int64_t t = t0 + i;
             const acc_t mu = c.st.rosc[sb + t], d = c.st.d[sb + t];
@@ -327,11 +330,12 @@ void grad_pass(const BwdContext<scalar_t, acc_t>& c, acc_t* gB, const PnSplit& s
               out[p] = static_cast<scalar_t>(dr ? d * gb + dr[p] * gr[p] : d * gb);
               dot_q += xr[p] * aq;
               dot_g += xr[p] * gr[p];
-              gdh[p] += static_cast<double>(gr[p]) * static_cast<double>(xr[p]);
+              gd_sum[p] += gr[p] * xr[p];
             }
             xaq[bh * L + t] = dot_q;
             xgy[bh * L + t] = dot_g;
           }
+          for (int64_t p = 0; p < P; ++p) gdh[p] += static_cast<double>(gd_blk[p]);
         }
       }
       for (int64_t h = tl.h0; h < tl.h1; ++h) {
