@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command on a CUDA machine: build with the CUDA kernels, run the whole test suite (the CUDA
 # tests run there) and the GPU benchmarks. Offline-friendly: wheels found in build/gpu_wheels
-# (made with `pip download ... --python-version 3.12`) are installed without an index.
+# (made with `pip download --only-binary=:all: --python-version 3.12 -d build/gpu_wheels pydantic
+# pyyaml tqdm pytest einops numpy filelock pillow safetensors typing_extensions matplotlib`) are
+# installed without an index.
 # Outputs land in ${OUT:-build/gpu-out}: the pytest log and junit XML, benchmark logs and rows.
 #   bash tools/gpu_check.sh [pytest args...]
 set -uo pipefail
@@ -12,11 +14,14 @@ PY=${PYTHON:-python3}
 
 missing=$($PY - <<'PY'
 import importlib.util
-print(" ".join(m for m in ("pydantic", "yaml", "tqdm", "pytest", "einops") if importlib.util.find_spec(m) is None))
+mods = ("pydantic", "yaml", "tqdm", "pytest", "einops", "numpy", "filelock", "PIL", "safetensors",
+        "typing_extensions", "matplotlib")
+print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 PY
 )
 if [ -n "$missing" ]; then
   pkgs=${missing/yaml/pyyaml}
+  pkgs=${pkgs/PIL/pillow}
   if [ -d build/gpu_wheels ]; then
     $PY -m pip install -q --no-index --find-links build/gpu_wheels $pkgs 2>&1 | tail -n 3
   else
