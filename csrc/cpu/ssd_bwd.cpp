@@ -36,7 +36,6 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -45,6 +44,7 @@
 #include <vector>
 
 #include "mblm/ssd.h"
+#include "ssd_cpu.h"
 #include "ssd_layout.h"
 
 namespace mblm {
@@ -437,6 +437,12 @@ void reduce_subsets(const acc_t* src, int64_t subsets, const Dims& dm, scalar_t*
   });
 }
 
+}  // namespace
+}  // namespace mblm
+
+namespace mblm::cpu_ssd {
+inline namespace MBLM_CPU_ISA {
+
 SsdGrads ssd_bwd_cpu(const at::Tensor& grad_y_in, const std::optional<at::Tensor>& grad_final_state,
                      const at::Tensor& x_in, const at::Tensor& dt, const at::Tensor& A,
                      const at::Tensor& B_in, const at::Tensor& C_in,
@@ -543,8 +549,5 @@ SsdGrads ssd_bwd_cpu(const at::Tensor& grad_y_in, const std::optional<at::Tensor
           grad_init};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mblm, CPU, m) { m.impl("ssd_bwd", &ssd_bwd_cpu); }
-
-}  // namespace mblm
+}  // namespace MBLM_CPU_ISA
+}  // namespace mblm::cpu_ssd

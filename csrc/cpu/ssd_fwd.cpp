@@ -15,7 +15,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -24,6 +23,7 @@
 #include <vector>
 
 #include "mblm/ssd.h"
+#include "ssd_cpu.h"
 #include "ssd_layout.h"
 
 namespace mblm {
@@ -133,6 +133,12 @@ void ssd_fwd_kernel(const Dims& dm, const at::Tensor& x, const GroupOperand<acc_
   });
 }
 
+}  // namespace
+}  // namespace mblm
+
+namespace mblm::cpu_ssd {
+inline namespace MBLM_CPU_ISA {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B_in,
     const at::Tensor& C_in, const std::optional<at::Tensor>& D,
@@ -176,8 +182,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ssd_fwd_cpu(
   return {y, final_state, checkpoints};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(mblm, CPU, m) { m.impl("ssd_fwd", &ssd_fwd_cpu); }
-
-}  // namespace mblm
+}  // namespace MBLM_CPU_ISA
+}  // namespace mblm::cpu_ssd

@@ -29,6 +29,7 @@
 #endif
 
 namespace mblm::cpu_ssd {
+inline namespace MBLM_CPU_ISA {
 
 // Steps per block of the tile loop: a tile's operands for a block (rows x 64 coefficients,
 // 64 x 16 lanes) stay in L1/L2 and the tile goes through memory once per block.
@@ -237,4 +238,5 @@ inline Ranges split_ranges(int64_t items, int64_t base_units) {
   return {ceil_div(n, per), per};
 }
 
+}  // namespace MBLM_CPU_ISA
 }  // namespace mblm::cpu_ssd

@@ -22,8 +22,10 @@
 #include <cstdint>
 
 #include "mblm/ssd.h"
+#include "vec.h"  // MBLM_CPU_ISA
 
 namespace mblm::cpu_ssd {
+inline namespace MBLM_CPU_ISA {
 
 template <typename T>
 struct RescaleRange {
@@ -104,4 +106,5 @@ void compute_step_tables(const StepTables<T>& s, const T* dt, const T* A, const 
   });
 }
 
+}  // namespace MBLM_CPU_ISA
 }  // namespace mblm::cpu_ssd

@@ -22,13 +22,32 @@
 #include "vec.h"
 
 namespace mblm::cpu_ssd {
+inline namespace MBLM_CPU_ISA {
 
-// Lanes of a tile row: two AVX2 float vectors (four double vectors).
-constexpr int64_t kTileLanes = 16;
+// Lanes of a tile row: two AVX2 float vectors (four double vectors), one AVX-512 float vector.
+#ifndef MBLM_SSD_TL
+#define MBLM_SSD_TL (MBLM_CPU_AVX512 ? 32 : 16)
+#endif
+constexpr int64_t kTileLanes = MBLM_SSD_TL;
 
 using cpu::Vec;
 
-#if MBLM_CPU_AVX2
+#if MBLM_CPU_AVX512
+// The lane sums of eight vectors, added to out[0..7]: halves added, then a tree of hadds.
+inline void add_lane_sums8(const Vec<float>* v, float* out) {
+  __m256 h[8];
+  for (int r = 0; r < 8; ++r) {
+    h[r] = _mm256_add_ps(_mm512_castps512_ps256(v[r].v),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[r].v), 1)));
+  }
+  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+  // 128-bit halves: (rows 0-3 | rows 0-3) and (rows 4-7 | rows 4-7), partial sums of each
+  const __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                                 _mm256_permute2f128_ps(h0123, h4567, 0x31));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), s));
+}
+#elif MBLM_CPU_AVX2
 // The lane sums of four vectors, added to out[0..3].
 inline void add_lane_sums4(const Vec<float> (&v)[4], float* out) {
   const __m256 h01 = _mm256_hadd_ps(v[0].v, v[1].v);
@@ -42,7 +61,12 @@ inline void add_lane_sums4(const Vec<float> (&v)[4], float* out) {
 // The lane sums of kRows vectors, added to out[0..kRows).
 template <typename T, int kRows>
 inline void add_lane_sums(const Vec<T> (&v)[kRows], T* out) {
-#if MBLM_CPU_AVX2
+#if MBLM_CPU_AVX512
+  if constexpr (std::is_same_v<T, float> && kRows % 8 == 0) {
+    for (int r = 0; r < kRows; r += 8) add_lane_sums8(v + r, out + r);
+    return;
+  }
+#elif MBLM_CPU_AVX2
   if constexpr (std::is_same_v<T, float> && kRows == 4) {
     add_lane_sums4(v, out);
     return;
@@ -120,9 +144,18 @@ inline void scan_rows(T* tile, const T* U, const T* R, const TileOperands<T>& op
 }
 
 // Rows per register block: with 16 AVX2 registers, float keeps 4 rows x 2 vectors of state plus
-// the lane vector, the accumulator and a broadcast; double needs 4 vectors per row.
+// the lane vector, the accumulator and a broadcast; double needs 4 vectors per row. AVX-512 has
+// 32 registers and one float vector per row (two double vectors).
+#if MBLM_CPU_AVX512
+#ifndef MBLM_SSD_RB_F
+#define MBLM_SSD_RB_F 8
+#endif
+template <typename T>
+constexpr int kRowBlock = sizeof(T) == 4 ? MBLM_SSD_RB_F : 4;
+#else
 template <typename T>
 constexpr int kRowBlock = sizeof(T) == 4 ? 4 : 2;
+#endif
 
 // The whole tile (rows x kTileLanes, row-major) through one block of steps. op.acc must hold
 // the values to accumulate into (zeros for a fresh block).
@@ -213,4 +246,5 @@ void scan_tile_dual(T* tile, int64_t rows, const DualOperands<T>& d) {
   }
 }
 
+}  // namespace MBLM_CPU_ISA
 }  // namespace mblm::cpu_ssd

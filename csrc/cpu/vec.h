@@ -4,6 +4,11 @@
 // (attention softmax, SSD decays), softplus and its derivative (the scan's delta) and sigmoid.
 // float32 uses ~1 ulp polynomial approximations; float64 (the gradcheck / reference dtype) calls
 // libm so that it stays exact.
+//
+// A translation unit built for AVX-512 (the SSD kernels' second copy, CMakeLists.txt) gets 16
+// float / 8 double lanes instead. Everything here lives in an inline namespace named after the
+// instruction set (MBLM_CPU_ISA: avx512, avx2 or portable), so that copies of the same inline
+// function compiled for different instruction sets are different symbols.
 #pragma once
 
 #include <cmath>
@@ -11,12 +16,24 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define MBLM_CPU_AVX2 1
+#define MBLM_CPU_AVX2 1  // AVX2 + FMA instructions (also true in an AVX-512 build)
 #else
 #define MBLM_CPU_AVX2 0
 #endif
+#if MBLM_CPU_AVX2 && defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && \
+    defined(__AVX512DQ__)
+#define MBLM_CPU_AVX512 1  // Vec is the 512-bit one
+#define MBLM_CPU_ISA avx512
+#elif MBLM_CPU_AVX2
+#define MBLM_CPU_AVX512 0
+#define MBLM_CPU_ISA avx2
+#else
+#define MBLM_CPU_AVX512 0
+#define MBLM_CPU_ISA portable
+#endif
 
 namespace mblm::cpu {
+inline namespace MBLM_CPU_ISA {
 
 // Element-wise libm functions shared by every Vec specialisation that has no SIMD version.
 template <typename T>
@@ -35,7 +52,7 @@ struct ScalarMath {
 // The element-wise functions of a vector type V whose lanes are reachable through store/load.
 #define MBLM_VEC_SCALAR_FN(name)                                     \
   Vec name() const {                                                 \
-    alignas(32) Scalar t[kWidth];                                    \
+    alignas(64) Scalar t[kWidth];                                    \
     store(t);                                                        \
     for (int i = 0; i < kWidth; ++i) t[i] = ScalarMath<Scalar>::name(t[i]); \
     return load(t);                                                  \
@@ -44,7 +61,72 @@ struct ScalarMath {
 template <typename T>
 struct Vec;
 
-#if MBLM_CPU_AVX2
+#if MBLM_CPU_AVX512
+
+// One zmm register per vector. The transcendental functions go through libm lane by lane: no
+// kernel built for AVX-512 (only the SSD scan) calls them.
+template <>
+struct Vec<float> {
+  using Scalar = float;
+  static constexpr int kWidth = 16;
+  __m512 v;
+
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec broadcast(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec iota() {
+    return {_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)};
+  }
+  // Lanes where idx >= thr take b, the others a.
+  friend Vec select_ge(Vec idx, Vec thr, Vec a, Vec b) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(idx.v, thr.v, _CMP_GE_OQ), a.v, b.v)};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
+  friend Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  friend Vec abs(Vec a) { return {_mm512_abs_ps(a.v)}; }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+  float hmax() const { return _mm512_reduce_max_ps(v); }
+  MBLM_VEC_SCALAR_FN(exp)
+  MBLM_VEC_SCALAR_FN(softplus)
+  MBLM_VEC_SCALAR_FN(softplus_grad)
+  MBLM_VEC_SCALAR_FN(sigmoid)
+};
+
+template <>
+struct Vec<double> {
+  using Scalar = double;
+  static constexpr int kWidth = 8;
+  __m512d v;
+
+  static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static Vec broadcast(double x) { return {_mm512_set1_pd(x)}; }
+  static Vec zero() { return {_mm512_setzero_pd()}; }
+  static Vec iota() { return {_mm512_setr_pd(0, 1, 2, 3, 4, 5, 6, 7)}; }
+  friend Vec select_ge(Vec idx, Vec thr, Vec a, Vec b) {
+    return {_mm512_mask_blend_pd(_mm512_cmp_pd_mask(idx.v, thr.v, _CMP_GE_OQ), a.v, b.v)};
+  }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_pd(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm512_div_pd(a.v, b.v)}; }
+  friend Vec max(Vec a, Vec b) { return {_mm512_max_pd(a.v, b.v)}; }
+  friend Vec abs(Vec a) { return {_mm512_abs_pd(a.v)}; }
+  double sum() const { return _mm512_reduce_add_pd(v); }
+  double hmax() const { return _mm512_reduce_max_pd(v); }
+  MBLM_VEC_SCALAR_FN(exp)
+  MBLM_VEC_SCALAR_FN(softplus)
+  MBLM_VEC_SCALAR_FN(softplus_grad)
+  MBLM_VEC_SCALAR_FN(sigmoid)
+};
+
+#elif MBLM_CPU_AVX2
 
 template <>
 struct Vec<float> {
@@ -276,4 +358,5 @@ struct Vec {
 
 #undef MBLM_VEC_SCALAR_FN
 
+}  // namespace MBLM_CPU_ISA
 }  // namespace mblm::cpu

@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "mblm/cpu_isa.h"
+
 #include <string>
 #include <vector>
 
@@ -40,6 +42,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mblm-cpp compute core: registers the torch.ops.mblm operators";
   m.def("build_info", &build_info, "How this extension was built (torch, CUDA, CPU arch)");
+  m.def("ssd_cpu_isa", &mblm::ssd_cpu_isa,
+        "Instruction set of the CPU SSD kernels in use: avx512, avx2 or portable (MBLM_CPU_ISA)");
 #ifdef MBLM_WITH_RUNTIME
   register_runtime(m);
 #endif
