@@ -1,8 +1,8 @@
 """Prints how this mblm-cpp installation was built: ``python -m mblm.info`` (or ``mblm-info``).
 
 Shows the mblm-cpp and torch versions, whether the CUDA kernels were compiled (and for which
-architectures), the operators registered in ``torch.ops.mblm`` and the CPU features the kernels
-can use.
+architectures), the operators registered in ``torch.ops.mblm``, the CPU features the kernels
+can use and the instruction set the SSD CPU kernels run with (``MBLM_CPU_ISA``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import mblm
-from mblm.ops import build_info
+from mblm.ops import build_info, ssd_cpu_isa
 
 # CPU features that matter for the vectorised kernels, in the order they are reported.
 _CPU_FEATURES = (
@@ -74,6 +74,7 @@ def collect() -> dict[str, Any]:
         "CUDA archs": info.get("cuda_archs") or "-",
         "CUDA device": cuda_device or "none",
         "CPU arch (build)": info.get("cpu_arch") or "default",
+        "SSD CPU kernels": ssd_cpu_isa(),
         "CPU capability (torch)": torch.backends.cpu.get_cpu_capability(),
         "CPU features": " ".join(cpu_features()) or "-",
         "compiler": info.get("compiler", "-"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (torch must be loaded before the extension)
 
-from mblm.ops._loader import build_info, load_extension
+from mblm.ops._loader import build_info, load_extension, ssd_cpu_isa
 
 load_extension()
 
@@ -36,4 +36,5 @@ __all__ = [
     "patch",
     "scan",
     "ssd",
+    "ssd_cpu_isa",
 ]

@@ -68,5 +68,14 @@ def build_info() -> dict[str, Any]:
     return dict(load_extension().build_info())
 
 
+def ssd_cpu_isa() -> str:
+    """Instruction set of the CPU SSD kernels in this process: "avx512", "avx2" or "portable".
+
+    The AVX-512 build is chosen where the CPU has it; the environment variable
+    ``MBLM_CPU_ISA=avx2`` forces the base (AVX2) build. Raises RuntimeError for an invalid value.
+    """
+    return str(load_extension().ssd_cpu_isa())
+
+
 def cuda_kernels_available() -> bool:
     return bool(build_info()["cuda"])

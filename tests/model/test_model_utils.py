@@ -193,4 +193,6 @@ def test_info_prints_build():
     out = result.stdout
     for field in ("mblm-cpp", "torch", "CUDA kernels", "CPU features", "torch.ops.mblm"):
         assert field in out
+    isa = [line.split()[-1] for line in out.splitlines() if line.startswith("SSD CPU kernels")]
+    assert isa and isa[0] in ("avx512", "avx2", "portable"), out
     assert "attn_fwd" in out and "patch_pad" in out
