@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mblm.ops import build_info, ssd_cpu_isa
+from mblm.ops._loader import _cpu_flags
 from mblm.ops.ssd import CHECKPOINT_STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,17 +42,6 @@ for a in cases:
     out.append([y, s, *g])
 torch.save({"isa": ssd_cpu_isa(), "out": out}, sys.argv[2])
 """
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _inputs(shape, dtype, seed):
