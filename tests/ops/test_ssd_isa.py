@@ -9,6 +9,8 @@ tolerance. On a CPU without AVX-512 both sides run the base build.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,48 @@ def test_invalid_isa_names_the_variable(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "MBLM_CPU_ISA" in result.stderr and "sse2" in result.stderr
+
+
+# EVEX-only encodings: 512-bit or mask registers, the upper 16 vector registers, AVX-512-only ops
+_EVEX = re.compile(r"zmm|%k[0-7]|[xy]mm(1[6-9]|2\d|3[01])\b|vpternlog|kmov|vpermt2|vrndscale")
+_LABEL = re.compile(r"^[0-9a-f]+ <(.+)>:$")
+
+
+def _evex_functions(obj: Path) -> set[str]:
+    """Mangled names of the functions of ``obj`` with AVX-512-only instructions."""
+    out = subprocess.run(["objdump", "-d", "-w", str(obj)], capture_output=True, text=True)
+    found, current = set(), None
+    for line in out.stdout.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            current = label.group(1)
+        elif current is not None and "\t" in line and _EVEX.search(line):
+            found.add(current)
+    return found
+
+
+def _shared_functions(obj: Path) -> set[str]:
+    """Global and weak function symbols of ``obj``: what the linker may share between objects."""
+    out = subprocess.run(["objdump", "-t", "-w", str(obj)], capture_output=True, text=True)
+    names = set()
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and "F" in fields[1:3] and fields[1] in ("g", "w"):
+            names.add(fields[-1])
+    return names
+
+
+def test_avx512_objects_share_no_avx512_code():
+    """Inline library code (std, c10, ATen) that the AVX-512 copy instantiates is shared with the
+    base build through the linker (one copy per module): no such shared function may contain
+    AVX-512 instructions, or CPUs without AVX-512 would crash. AVX-512 code must be local or in
+    namespace mblm::cpu_ssd::avx512 (mangled ``6avx512``)."""
+    build = ROOT / os.environ.get("MBLM_BUILD_DIR", "build/dev")
+    objects = sorted(build.glob("CMakeFiles/mblm_ops.dir/csrc/cpu/avx512/*.o"))
+    if not objects or shutil.which("objdump") is None:
+        pytest.skip("no AVX-512 SSD objects in the build directory (or no objdump)")
+    for obj in objects:
+        offenders = {
+            name for name in _evex_functions(obj) & _shared_functions(obj) if "6avx512" not in name
+        }
+        assert not offenders, f"{obj.name}: shared functions with AVX-512 code: {sorted(offenders)}"
