@@ -126,19 +126,7 @@ def selective_scan_step(
     L = 1) when grad mode is on and any input requires grad."""
     tensors = (state, u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y, new_state = selective_scan(
-            u[..., None],
-            delta[..., None],
-            A,
-            B[..., None],
-            C[..., None],
-            D,
-            None if z is None else z[..., None],
-            delta_bias,
-            delta_softplus,
-            state,
-        )
-        return y[..., 0], new_state
+        return _one_step(selective_scan, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     cdt = _compute_dtype(u.dtype)
     if state is None:
         new_state = u.new_zeros((u.shape[0], u.shape[1], A.shape[1]), dtype=cdt)
@@ -148,8 +136,10 @@ def selective_scan_step(
     return y, new_state
 
 
-def _step_ref(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    y, new_state = reference.selective_scan_ref(
+def _one_step(scan, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """``scan`` (``selective_scan`` or its reference) over the single step of (B, D) / (B, N)
+    inputs, as a sequence of length 1; returns (y (B, D), final state)."""
+    y, new_state = scan(
         u[..., None],
         delta[..., None],
         A,
@@ -162,6 +152,12 @@ def _step_ref(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         state,
     )
     return y[..., 0], new_state
+
+
+def _step_ref(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return _one_step(
+        reference.selective_scan_ref, state, u, delta, A, B, C, D, z, delta_bias, delta_softplus
+    )
 
 
 # ---------------------------------------------------------------------------------------------
