@@ -120,10 +120,13 @@ def _chunked(
             all_logits = _chunk_single_stage(model, ids, a, b, cache, start_out)
         else:
             all_logits = _chunk_hierarchy(model, ids, a, b, patch, cache, start_out)
-        # all_logits[:, 0]: the prediction of byte a for the first chunk (the start output);
-        # all_logits[:, 1:]: the logits after each byte of the chunk
-        out = all_logits[:, 1:]
-        preds = all_logits[:, :-1] if last is None else torch.cat((last, out[:, :-1]), dim=1)
+        # the logits after each byte of the chunk; the first chunk's start with the prediction of
+        # byte 0 (the start output), later chunks' byte a is predicted by the previous ``last``
+        if last is None:
+            preds, out = all_logits[:, :-1], all_logits[:, 1:]
+        else:
+            out = all_logits
+            preds = torch.cat((last, out[:, :-1]), dim=1)
         last = out[:, -1:]
         vocab = preds.shape[-1]
         ces.append(
@@ -148,8 +151,6 @@ def _chunk_single_stage(
     y = cache.extend(stage_tokens(model, 0, ids[:, a:b], positions, b - 1), None)
     if a == 0:
         y = torch.cat((start_out.expand(batch, 1, -1).to(y.dtype), y), dim=1)
-    else:
-        y = torch.cat((y[:, :1], y), dim=1)  # placeholder column, dropped by the caller
     return model.to_logits(y)
 
 
@@ -187,4 +188,5 @@ def _chunk_hierarchy(
             prev = model.to_next_stage_proj[k](y[:, :-1])
     local_shape = (*embs[-1].shape[:-2], y.shape[-2], y.shape[-1])
     rows = patch_unpatch(model._as_patches(y, local_shape), b - a + 1, True)
-    return model.to_logits(rows)
+    # row 0 predicts byte a: only the first chunk needs it (later ones have the previous chunk's)
+    return model.to_logits(rows if a == 0 else rows[:, 1:])
