@@ -37,50 +37,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))  # this checkout's mblm, not an installed one
+import bench_model  # noqa: E402
 from _common import append_rows, base_row, original_python, print_table  # noqa: E402
 
-
-def _tf(heads: int) -> dict:
-    return {
-        "block_type": "transformer",
-        "attn_head_dims": 32,
-        "attn_num_heads": heads,
-        "attn_use_rot_embs": True,
-        "pos_emb_type": "fixed",
-    }
-
-
-# bench_model's 3-stage Transformer (issue 3) with a 256-patch global stage: 32K bytes of context.
-TRANSFORMER = {
-    "num_tokens": 257,
-    "pad_token_id": 256,
-    "hidden_dims": [256, 256, 128],
-    "seq_lens": [256, 16, 8],
-    "num_layers": [2, 2, 2],
-    "train_checkpoint_chunks": None,
-    "block": [_tf(8), _tf(8), _tf(4)],
-}
-
-# bench_model's hybrid (issue 4): Mamba1 global stage, Transformer local stage, 32K context.
-HYBRID = {
-    "num_tokens": 257,
-    "pad_token_id": 256,
-    "hidden_dims": [512, 256],
-    "seq_lens": [2048, 16],
-    "num_layers": [2, 2],
-    "train_checkpoint_chunks": None,
-    "block": [
-        {
-            "block_type": "mamba1",
-            "d_state": 16,
-            "d_conv": 4,
-            "expand": 2,
-            "headdim": 64,
-            "pos_emb_type": None,
-        },
-        _tf(8),
-    ],
-}
+# bench_model's 3-stage Transformer (issue 3) and hybrid (issue 4: Mamba1 global stage,
+# Transformer local stage) with longer global stages: 32K bytes of context each.
+TRANSFORMER = {**bench_model.TRANSFORMER, "seq_lens": [256, 16, 8]}
+HYBRID = {**bench_model.HYBRID, "seq_lens": [2048, 16]}
 
 MODELS = {"transformer": TRANSFORMER, "hybrid": HYBRID}
 
