@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--gemm-floor", action="store_true", help="also time the step's GEMMs alone"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +79,10 @@ def main() -> None:
         "rss_growth_mib": rss_peak_mib() - base_rss,
         "params": sum(p.numel() for p in model.parameters()),
     }
+    if args.gemm_floor:
+        from _gemm_floor import gemm_floor_seconds
+
+        result["gemm_floor_s"], result["gemm_gflop"] = gemm_floor_seconds(step)
     print(json.dumps(result))
 
 

@@ -1,59 +1,141 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine: build with the CUDA kernels, run the whole test suite (the CUDA
-# tests run there) and the GPU benchmarks. Offline-friendly: wheels found in build/gpu_wheels
-# (made with `pip download --only-binary=:all: --python-version 3.12 -d build/gpu_wheels pydantic
-# pyyaml tqdm pytest einops numpy filelock pillow safetensors typing_extensions matplotlib`) are
-# installed without an index.
-# Outputs land in ${OUT:-build/gpu-out}: the pytest log and junit XML, benchmark logs and rows.
-#   bash tools/gpu_check.sh [pytest args...]
+# The GPU work of issue 8 on a CUDA machine, in steps that each fit one device command (10 min):
+#
+#   bash tools/gpu_check.sh build test            # CUDA build, then the whole test suite
+#   bash tools/gpu_check.sh build bench-ops       # op benchmarks vs SDPA / mamba_ssm / mambapy
+#   bash tools/gpu_check.sh build bench-model     # paper-sized train steps vs the original, bf16
+#   bash tools/gpu_check.sh build long-context    # largest trainable input length, bf16
+#   bash tools/gpu_check.sh all                   # everything (more than one device command)
+#
+# Offline: run `bash tools/gpu_wheels.sh` where there is internet first and carry build/gpu_wheels
+# and build/mamba_ssm_src; what the GPU machine lacks is installed from there. The build is
+# incremental (build/gpu), so `build` is cheap after the first time on a warm machine.
+# Logs, junit XML and benchmark rows land in ${MBLM_GPU_LOGS:-build/gpu-out}; when $OUT is set
+# (the device tool's folder of files to bring back) they are also packed into
+# $OUT/gpu-out.tar.gz. Extra arguments after `--` go to pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-build/gpu-out}
-mkdir -p "$OUT"
+LOGS=${MBLM_GPU_LOGS:-build/gpu-out}
+mkdir -p "$LOGS"
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 MBLM_MAMBA_SSM_SRC=${MBLM_MAMBA_SSM_SRC:-$PWD/build/mamba_ssm_src}
 
-missing=$($PY - <<'PY'
+steps=()
+pytest_args=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--" ]; then shift; pytest_args=("$@"); break; fi
+  steps+=("$1"); shift
+done
+[ ${#steps[@]} -eq 0 ] && steps=(build test)
+[ "${steps[0]}" = all ] && steps=(build test bench-ops bench-model long-context)
+
+install_missing() {
+  local missing
+  missing=$($PY - <<'PY'
 import importlib.util
-mods = ("pydantic", "yaml", "tqdm", "pytest", "einops", "numpy", "filelock", "PIL", "safetensors",
-        "typing_extensions", "matplotlib")
-print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
+mods = {"pydantic": "pydantic", "yaml": "pyyaml", "tqdm": "tqdm", "pytest": "pytest",
+        "einops": "einops", "numpy": "numpy", "filelock": "filelock", "PIL": "pillow",
+        "safetensors": "safetensors", "typing_extensions": "typing_extensions"}
+print(" ".join(pkg for mod, pkg in mods.items() if importlib.util.find_spec(mod) is None))
 PY
 )
-if [ -n "$missing" ]; then
-  pkgs=${missing/yaml/pyyaml}
-  pkgs=${pkgs/PIL/pillow}
+  [ -z "$missing" ] && return 0
   if [ -d build/gpu_wheels ]; then
-    $PY -m pip install -q --no-index --find-links build/gpu_wheels $pkgs 2>&1 | tail -n 3
+    $PY -m pip install -q --no-index --find-links build/gpu_wheels $missing 2>&1 | tail -n 3
   else
-    $PY -m pip install -q $pkgs
+    $PY -m pip install -q $missing
   fi
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+}
 
-# Some CUDA images point CC/CXX at a private GCC whose static libstdc++ ends up inside _C.so;
-# its second copy of the C++ runtime crashes the first error message that formats a number.
-# Build with the system compilers that torch itself was built against.
-if [ -x /usr/bin/g++ ]; then
-  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
-fi
-BUILD_DIR=${MBLM_BUILD_DIR:-build/gpu}
-start=$(date +%s)
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMBLM_CUDA=ON -DMBLM_INPLACE=ON \
-  -DMBLM_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES="${MBLM_CUDA_ARCHS:-90}" \
-  -DPython_EXECUTABLE="$(command -v $PY)" > "$OUT/cmake.log" 2>&1 || { tail -n 40 "$OUT/cmake.log"; exit 1; }
-cmake --build "$BUILD_DIR" -j "$(nproc)" > "$OUT/build.log" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.log" | head -n 80; exit 1; }
-echo "build: $(( $(date +%s) - start )) s"
-$PY -m mblm.info | tee "$OUT/info.txt"
+step_build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
+  # Some CUDA images point CC/CXX at a private GCC whose static libstdc++ ends up inside _C.so;
+  # its second copy of the C++ runtime crashes the first error message that formats a number.
+  # Build with the system compilers that torch itself was built against.
+  if [ -x /usr/bin/g++ ]; then
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+  fi
+  local dir=${MBLM_BUILD_DIR:-build/gpu} start
+  start=$(date +%s)
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMBLM_CUDA=ON -DMBLM_INPLACE=ON \
+    -DMBLM_BUILD_TESTS=OFF -DCMAKE_CUDA_ARCHITECTURES="${MBLM_CUDA_ARCHS:-90}" \
+    -DPython_EXECUTABLE="$(command -v "$PY")" > "$LOGS/cmake.log" 2>&1 ||
+    { tail -n 40 "$LOGS/cmake.log"; return 1; }
+  cmake --build "$dir" -j "$(nproc)" > "$LOGS/build.log" 2>&1 ||
+    { grep -E "error|Error" -A3 "$LOGS/build.log" | head -n 80; return 1; }
+  echo "build: $(($(date +%s) - start)) s"
+  $PY -m mblm.info | tee "$LOGS/info.txt"
+}
 
-$PY -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/junit.xml" "$@" > "$OUT/pytest.log" 2>&1
-rc=$?
-tail -n 60 "$OUT/pytest.log"
-if [ "${MBLM_GPU_BENCH:-1}" = 1 ]; then
-  for b in benchmarks/bench_*.py; do
-    echo "== $b"
-    timeout 300 $PY "$b" --device cuda > "$OUT/$(basename "$b" .py).log" 2>&1
-    tail -n 30 "$OUT/$(basename "$b" .py).log"
-  done
-  cp benchmarks/results/*.csv "$OUT/" 2>/dev/null
+step_test() {
+  $PY -m pytest tests -q -p no:cacheprovider --junitxml="$LOGS/junit.xml" "${pytest_args[@]}" \
+    > "$LOGS/pytest.log" 2>&1
+  local rc=$?
+  tail -n 60 "$LOGS/pytest.log"
+  return $rc
+}
+
+# One benchmark under a time limit; its log goes to $LOGS and its tail to stdout.
+bench() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name $*"
+  timeout "$limit" $PY "benchmarks/$name.py" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "(stopped after $limit s)"
+  tail -n 30 "$LOGS/$name.log"
+  return 0
+}
+
+step_bench_ops() {
+  bench bench_attention 240 --device cuda --dtype bfloat16
+  bench bench_ssd 120 --device cuda
+  bench bench_scan 90 --device cuda
+  bench bench_conv 60 --device cuda
+  bench bench_patch 60 --device cuda
+  [ -f benchmarks/bench_mamba_layer.py ] && bench bench_mamba_layer 120 --device cuda
+  return 0
+}
+
+# The original mblm 0.4.2 beside the machine's CUDA torch (system site packages), from the wheels.
+setup_original() {
+  local venv=build/orig-venv-gpu
+  if ! "$venv/bin/python" -c "import mblm, mambapy, MEGABYTE_pytorch" 2>/dev/null; then
+    $PY -m venv --system-site-packages "$venv"
+    "$venv/bin/python" -m pip install -q --no-index --find-links build/gpu_wheels --no-deps \
+      mblm==0.4.2 megabyte-pytorch mambapy beartype pydantic pydantic_core annotated_types \
+      typing_inspection 2>&1 | tail -n 3
+  fi
+  echo "$venv/bin/python"
+}
+
+step_bench_model() {
+  local orig
+  orig=$(setup_original | tail -n 1)
+  bench bench_model 300 --model paper-transformer --device cuda --dtype bfloat16 --rounds 1 \
+    --repeats 2 --orig-python "$orig"
+  bench bench_model 240 --model paper-hybrid --device cuda --dtype bfloat16 --rounds 1 \
+    --repeats 2 --orig-python "$orig"
+}
+
+step_long_context() {
+  bench bench_long_context 540 --preset paper-hybrid --time-budget 500
+}
+
+install_missing
+rc=0
+for step in "${steps[@]}"; do
+  case $step in
+    build) step_build || exit 1 ;;
+    test) step_test || rc=1 ;;
+    bench-ops) step_bench_ops ;;
+    bench-model) step_bench_model ;;
+    long-context) step_long_context ;;
+    *) echo "unknown step: $step (build test bench-ops bench-model long-context all)"; exit 2 ;;
+  esac
+done
+cp benchmarks/results/*.csv "$LOGS/" 2>/dev/null
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  tar -czf "$OUT/gpu-out.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")"
 fi
 exit $rc

@@ -529,8 +529,8 @@ class TransformerEncoder(_TransformerStack):
         return self.norm(x)
 
 
-class TransformerBlock(StageBlock):
-    """Config of a causal Transformer (decoder) stage inside MBLM."""
+class _TransformerStageFields(StageBlock):
+    """The fields both Transformer stage configs share (the original spells them out twice)."""
 
     attn_head_dims: int
     attn_num_heads: int
@@ -539,13 +539,6 @@ class TransformerBlock(StageBlock):
     ff_multiplier: int = 2
     ff_dropout: float = 0.0
     use_flash_attn: bool = False
-
-    block_type: str = Field(init=False, default="transformer")
-
-    def to_model(self, model_dim: int, num_layers: int) -> TransformerDecoder:
-        return TransformerDecoder(
-            model_dim=model_dim, num_layers=num_layers, **self._stack_kwargs()
-        )
 
     def _stack_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -558,6 +551,17 @@ class TransformerBlock(StageBlock):
             use_flash_attn=self.use_flash_attn,
         )
 
+
+class TransformerBlock(_TransformerStageFields):
+    """Config of a causal Transformer (decoder) stage inside MBLM."""
+
+    block_type: str = Field(init=False, default="transformer")
+
+    def to_model(self, model_dim: int, num_layers: int) -> TransformerDecoder:
+        return TransformerDecoder(
+            model_dim=model_dim, num_layers=num_layers, **self._stack_kwargs()
+        )
+
     @model_validator(mode="after")
     def validate_block_type(self) -> TransformerBlock:
         if self.block_type != "transformer":
@@ -565,30 +569,14 @@ class TransformerBlock(StageBlock):
         return self
 
 
-class TransformerEncoderBlock(StageBlock):
+class TransformerEncoderBlock(_TransformerStageFields):
     """Config of a bidirectional Transformer (encoder) stage (for MBLMEncoder)."""
-
-    attn_head_dims: int
-    attn_num_heads: int
-    attn_use_rot_embs: bool
-    attn_dropout: float = 0.0
-    ff_multiplier: int = 2
-    ff_dropout: float = 0.0
-    use_flash_attn: bool = False
 
     block_type: str = Field(init=False, default="transformerEncoder")
 
     def to_model(self, model_dim: int, num_layers: int) -> TransformerEncoder:
         return TransformerEncoder(
-            model_dim=model_dim,
-            num_layers=num_layers,
-            attn_head_dim=self.attn_head_dims,
-            attn_num_heads=self.attn_num_heads,
-            attn_dropout=self.attn_dropout,
-            attn_use_rot_embs=self.attn_use_rot_embs,
-            ff_dropout=self.ff_dropout,
-            ff_mult=self.ff_multiplier,
-            use_flash_attn=self.use_flash_attn,
+            model_dim=model_dim, num_layers=num_layers, **self._stack_kwargs()
         )
 
     @model_validator(mode="after")
