@@ -1,6 +1,7 @@
 """mblm attention (torch.ops.mblm.attn_fwd / attn_bwd) vs torch's scaled_dot_product_attention.
 
-Usage: python benchmarks/bench_attention.py [--quick] [--device cpu|cuda] [--dtype float32]
+Usage: python benchmarks/bench_attention.py [--quick | --smoke] [--device cpu|cuda]
+           [--dtype D] [--only local|global] [--peers all|sdpa,sdpa-flash,...] [--no-csv]
 
 What is timed, for both sides, is what a MEGABYTE stage does around attention, starting from
 the outputs of the ``to_q`` linear (N, S, H*Dh) and the ``to_kv`` linear (N, S, 2*H*Dh), both
@@ -16,8 +17,17 @@ requiring grad:
 "fwd" runs under no_grad (inference); "fwd+bwd" runs the forward and ``backward`` of a fixed
 upstream gradient into the two linear outputs. Times are medians of ``--repeats`` alternating
 runs; ratio = peer time / mblm time (> 1: mblm is faster). Peak memory is the extra memory of
-one fwd+bwd step (CPU: sampled resident set size; CUDA: max_memory_allocated). Every row is
+one fwd+bwd step (CPU: torch allocator, profiler; CUDA: max_memory_allocated). Every row is
 appended to benchmarks/results/bench_attention.csv.
+
+On CUDA (bf16; the shapes of issue 8) the peer is the fastest that runs of: the default SDPA
+call ("sdpa"), each SDPA backend forced alone (sdpa-flash, sdpa-cudnn, sdpa-efficient,
+sdpa-math) and FlashAttention's flash_attn_func when it imports (_sdpa_peers.py). Failures are
+recorded, not fatal; a failure that leaves the CUDA context unusable stops the run (exit 1) after
+writing the rows measured. The row's ``peer`` names the fastest, its ``note`` lists every peer's
+time or failure and, for local shapes, the GB/s of the minimal I/O (_attention_metrics.py) as %
+of a device-to-device copy measured at the start, for global shapes the TFLOP/s. On CPU the
+peer is the default call alone (``--peers all`` shows all there too).
 """
 
 from __future__ import annotations
@@ -26,14 +36,16 @@ import argparse
 import dataclasses
 import gc
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _attention_metrics  # noqa: E402
 import _common  # noqa: E402
+import _sdpa_peers  # noqa: E402
 
 _common.prefer_checkout()
 
@@ -55,19 +67,26 @@ class Case:
         return f"N={self.n} S={self.s} H={self.h} Dh={self.d}" + (" rot" if self.rotary else "")
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
-    if device.type == "cuda":
-        big = 2 if quick else 8  # the local-stage sequence counts scale with the GPU
+def cases(device: torch.device, quick: bool, smoke: bool = False) -> list[Case]:
+    if smoke:  # seconds on any device: exercises the script, measures nothing of interest
         return [
-            Case("local", 8192 * big, 9, 16, 64),
-            Case("local", 8192 * big, 17, 16, 64),
-            Case("local", 2048 * big, 65, 16, 64),
-            Case("local", 8192 * big, 17, 4, 16),
-            Case("local", 8192 * big, 17, 16, 64, rotary=True),
-            Case("global", 4, 1024, 16, 64),
-            Case("global", 4, 2048, 16, 64),
-            Case("global", 2, 4096, 16, 64),
-            Case("global", 1, 8192, 16, 64),
+            Case("local", 64, 9, 4, 16),
+            Case("local", 64, 17, 4, 16, rotary=True),
+            Case("global", 1, 128, 2, 16),
+        ]
+    if device.type == "cuda":
+        # issue 8: local stages of 65,536-131,072 sequences of 8-17 bytes (more than 65,535
+        # sequences: launch grids must not put N on a limited axis), global stages of 8K-64K
+        if quick:
+            local = [(131072, 8), (65536, 17)]
+            global_lengths = (8192, 32768)
+        else:
+            local = [(n, s) for n in (65536, 131072) for s in (8, 9, 16, 17)]
+            global_lengths = (8192, 16384, 32768, 65536)
+        return [
+            *(Case("local", n, s, 16, 64) for n, s in local),
+            Case("local", 65536, 17, 16, 64, rotary=True),
+            *(Case("global", 1, s, 16, 64) for s in global_lengths),
         ]
     if quick:
         return [
@@ -107,7 +126,10 @@ def rotate_half_apply(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return t.float() * cos[:, None] + torch.cat((-b, a), dim=-1) * sin[:, None]
 
 
-def make_fns(case: Case, device: torch.device, dtype: torch.dtype):
+def make_fns(
+    case: Case, device: torch.device, dtype: torch.dtype, peers: dict[str, _sdpa_peers.Attend]
+) -> dict[str, dict[str, Callable[[], None]]]:
+    """mode ('fwd' / 'fwd+bwd') -> {'mblm': fn, peer name: fn}: what each side runs per step."""
     n, s, h, d = case.n, case.s, case.h, case.d
     gen = torch.Generator(device=device).manual_seed(0)
     xq = torch.randn(n, s, h * d, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -124,17 +146,17 @@ def make_fns(case: Case, device: torch.device, dtype: torch.dtype):
         q, kv = xq.view(n, s, h, d), xkv.view(n, s, 2, h, d)
         return attention_kv(q, kv, causal=case.causal, cos=cos, sin=sin).reshape(n, s, h * d)
 
-    def peer_fwd() -> torch.Tensor:
-        q, k, v = views()
-        if case.rotary:
-            q, k = (
-                rotate_half_apply(q, cos, sin).to(dtype),
-                rotate_half_apply(k, cos, sin).to(dtype),
-            )
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=case.causal
-        )
-        return out.transpose(1, 2).reshape(n, s, h * d)
+    def peer_fwd(attend):
+        def fwd() -> torch.Tensor:
+            q, k, v = views()
+            if case.rotary:
+                q, k = (
+                    rotate_half_apply(q, cos, sin).to(dtype),
+                    rotate_half_apply(k, cos, sin).to(dtype),
+                )
+            return attend(q, k, v).reshape(n, s, h * d)
+
+        return fwd
 
     def inference(fwd):
         def run():
@@ -145,82 +167,159 @@ def make_fns(case: Case, device: torch.device, dtype: torch.dtype):
 
     def train(fwd):
         def run():
-            fwd().backward(grad)
-            xq.grad = None
-            xkv.grad = None
+            try:
+                fwd().backward(grad)
+            finally:  # also after a failure: the next function must not accumulate into these
+                xq.grad = None
+                xkv.grad = None
 
         return run
 
-    return (inference(mblm_fwd), inference(peer_fwd)), (train(mblm_fwd), train(peer_fwd))
+    fwds = {"mblm": mblm_fwd, **{name: peer_fwd(attend) for name, attend in peers.items()}}
+    return {
+        "fwd": {name: inference(f) for name, f in fwds.items()},
+        "fwd+bwd": {name: train(f) for name, f in fwds.items()},
+    }
+
+
+def peak_mib(fn: Callable[[], None] | None, device: torch.device) -> float | str:
+    """Peak memory of one call, or '' when there is no function or it fails."""
+    if fn is None:
+        return ""
+    try:
+        return _common.peak_memory_mib(fn, device)
+    except RuntimeError as exc:
+        if not _sdpa_peers.context_usable(device):
+            raise _sdpa_peers.CudaContextLost(f"memory measurement failed: {exc}") from exc
+        return ""
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--quick", action="store_true", help="fewer, smaller shapes, 3 repeats (about a minute)")
+    add("--smoke", action="store_true", help="three tiny shapes: checks that the script runs")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 CUDA, f32 CPU")
+    add("--repeats", type=int, default=None)
+    add("--only", choices=["local", "global"], help="run only the cases of this name")
+    add("--peers", help=f"'all' or some of {','.join(_sdpa_peers.ALL_PEERS)} (default: all on "
+        "CUDA, sdpa on CPU)")  # fmt: skip
+    add("--copy-mib", type=int, help="the bandwidth copy's size (default: 2048 CUDA, 64 CPU)")
+    add("--no-csv", action="store_true", help="do not append to benchmarks/results")
+    add("--note", default="", help="free text stored with every CSV row")
+    args = parser.parse_args()
+    cuda = torch.device(args.device).type == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.repeats = args.repeats or (3 if args.quick or args.smoke else 5)
+    try:
+        args.peers = _sdpa_peers.parse_peers(args.peers or ("all" if cuda else "sdpa"))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def measure_mode(case, mode, fns, unavailable, args, detailed, copy_bw):
+    """One row (the base columns left out) and the lines printed for it, for one case and mode:
+    ``fns`` are mblm's and the peers' functions of the mode (``make_fns``)."""
+    device, peers = torch.device(args.device), args.peers
+    times, failures = _sdpa_peers.measure(fns, device, repeats=args.repeats)
+    peer, t_p = _sdpa_peers.fastest(times, peers) or ("", None)
+    t_m = times.get("mblm")
+    tags = ("causal", "quick" if args.quick else "", "smoke" if args.smoke else "", args.note)
+    note = " ".join(x for x in tags if x)
+    details = []
+    if detailed:
+        if "mblm" in failures:
+            details.append(f"mblm fails: {failures['mblm']}")
+        details.append(_sdpa_peers.peer_summary(peers, times, failures, unavailable))
+        ran = {k: times[k] for k in ("mblm", peer) if k in times}
+        shape = (case.n, case.s, case.h, case.d)
+        itemsize = getattr(torch, args.dtype).itemsize
+        details.append(
+            _attention_metrics.speed_note(case.name, shape, itemsize, mode, ran, copy_bw)
+        )
+        note = "; ".join(x for x in (note, *details) if x)
+    train = mode == "fwd+bwd"
+    row = dict(
+        case=case.name,
+        shape=case.shape,
+        dtype=args.dtype,
+        mode=mode,
+        impl_ms=t_m * 1e3 if t_m else "",
+        peer=peer if detailed else "sdpa",
+        peer_ms=t_p * 1e3 if t_p else "",
+        ratio=t_p / t_m if t_m and t_p else "",
+        impl_peak_mib=peak_mib(fns["mblm"] if t_m else None, device) if train else "",
+        peer_peak_mib=peak_mib(fns[peer] if t_p else None, device) if train else "",
+        repeats=args.repeats,
+        note=note,
+    )
+    prec = 3 if device.type == "cuda" else 1  # decimals of printed milliseconds
+    ms_m = f"{t_m * 1e3:9.{prec}f} ms" if t_m else "    fails   "
+    ms_p = f"{t_p * 1e3:9.{prec}f} ms" if t_p else "    fails   "
+    ratio = f"x{t_p / t_m:.2f}" if t_m and t_p else "x -"
+    line = f"{case.name:6} {case.shape:28} {mode:7}  mblm {ms_m}  {peer or 'peers'} {ms_p}  {ratio}"
+    return row, [line, *(f"{'':8}{x}" for x in details)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small shapes, 3 repeats (about a minute)"
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument(
-        "--only", default=None, help="run only cases whose name is this (local / global)"
-    )
-    parser.add_argument("--no-csv", action="store_true", help="do not append to benchmarks/results")
-    parser.add_argument("--note", default="", help="free text stored with every CSV row")
-    args = parser.parse_args()
-
+    args = parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    repeats = args.repeats or (3 if args.quick else 5)
+    # CPU with the default peer: the rows and output of the original CPU benchmark
+    detailed = device.type == "cuda" or args.peers != ("sdpa",)
+    attends, unavailable = _sdpa_peers.attend_fns(args.peers, causal=True)
+    selected = [c for c in cases(device, args.quick, args.smoke) if args.only in (None, c.name)]
+
     base = _common.base_row(device)
     print(
-        f"# {base['device']} | {base['cpu']} | torch {base['torch']} | commit {base['commit']} | {args.dtype}"
+        f"# {base['device']} | {base['cpu']} | torch {base['torch']} | commit {base['commit']}"
+        f" | {args.dtype}"
     )
-    print(
-        "# ratio = SDPA time / mblm time (>1: mblm faster); peak = extra memory of one fwd+bwd step\n"
-    )
+    if detailed:
+        print(
+            f"# peers: {', '.join(args.peers)}; ratio = time of the fastest peer that runs / mblm"
+        )
+        print("# time (>1: mblm faster); peak = extra memory of one fwd+bwd step")
+    else:
+        print(
+            "# ratio = SDPA time / mblm time (>1: mblm faster); peak = extra memory of one fwd+bwd step"
+        )
+    copy_bw = None
+    if detailed and any(c.name == "local" for c in selected):
+        copy_mib = args.copy_mib or (2048 if device.type == "cuda" else 64)
+        copy_bw = _attention_metrics.copy_bandwidth(device, copy_mib)
+        print(f"# copy bandwidth ({copy_mib} MiB copy_, read + written): {copy_bw / 1e9:.0f} GB/s")
+    print()
 
-    rows = []
-    for case in cases(device, args.quick):
-        if args.only and case.name != args.only:
-            continue
-        (inf_m, inf_p), (tr_m, tr_p) = make_fns(case, device, dtype)
-        mem_m = _common.peak_memory_mib(tr_m, device)
-        mem_p = _common.peak_memory_mib(tr_p, device)
-        for mode, fm, fp in (("fwd", inf_m, inf_p), ("fwd+bwd", tr_m, tr_p)):
-            t_m, t_p = _common.time_pair(fm, fp, device, repeats=repeats)
-            row = dict(
-                base,
-                case=case.name,
-                shape=case.shape,
-                dtype=args.dtype,
-                mode=mode,
-                impl_ms=t_m * 1e3,
-                peer="sdpa",
-                peer_ms=t_p * 1e3,
-                ratio=t_p / t_m,
-                impl_peak_mib=mem_m if mode == "fwd+bwd" else "",
-                peer_peak_mib=mem_p if mode == "fwd+bwd" else "",
-                repeats=repeats,
-                note=" ".join(x for x in ("causal", "quick" if args.quick else "", args.note) if x),
-            )
-            rows.append(row)
-            print(
-                f"{case.name:6} {case.shape:28} {mode:7}  mblm {t_m * 1e3:9.1f} ms  sdpa {t_p * 1e3:9.1f} ms"
-                f"  x{t_p / t_m:.2f}",
-                flush=True,
-            )
-        del inf_m, inf_p, tr_m, tr_p
-        gc.collect()
+    rows, stopped = [], ""
+    try:
+        for case in selected:
+            fns = make_fns(case, device, getattr(torch, args.dtype), attends)
+            for mode in _attention_metrics.MODES:
+                row, lines = measure_mode(
+                    case, mode, fns[mode], unavailable, args, detailed, copy_bw
+                )
+                rows.append(dict(base, **row))
+                print("\n".join(lines), flush=True)
+            del fns
+            gc.collect()
+    except _sdpa_peers.CudaContextLost as exc:
+        stopped = str(exc)
 
     print("\nsummary")
+    columns = ["case", "shape", "mode", "impl_ms", "peer_ms", "ratio", "impl_peak_mib"]
     _common.print_table(
-        rows,
-        ("case", "shape", "mode", "impl_ms", "peer_ms", "ratio", "impl_peak_mib", "peer_peak_mib"),
+        rows, [*columns[:4], *(["peer"] if detailed else []), *columns[4:], "peer_peak_mib"]
     )
-    if not args.no_csv:
+    if not args.no_csv and rows:
         path = _common.append_rows("bench_attention", rows)
         print(f"\nappended {len(rows)} rows to {path}")
+    if stopped:
+        print(
+            f"\nSTOPPED: {stopped}; the cases after it were not measured (run them in a new process)"
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
