@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import platform
 import socket
 import statistics
@@ -155,6 +156,20 @@ def time_pair(
         times_a += time_fn(fn_a, device, repeats=1, warmup=0)
         times_b += time_fn(fn_b, device, repeats=1, warmup=0)
     return statistics.median(times_a), statistics.median(times_b)
+
+
+def attempt(fn: Callable[[], Any], device: torch.device) -> tuple[Any, str]:
+    """(fn(), "") or, when fn raises, (None, a one-line reason): one backend failing (out of
+    memory, a kernel error) is reported in its row instead of ending the whole run. After a
+    failure the CUDA cache is emptied so the next case starts from free memory."""
+    try:
+        return fn(), ""
+    except Exception as exc:  # any backend error: the run goes on to the next measurement
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    gc.collect()  # the failed call's frames may still hold its tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None, reason[:200]
 
 
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
