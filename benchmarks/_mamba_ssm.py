@@ -212,42 +212,66 @@ def reference_chunk_scan(
     return_final_states: bool = False,
     return_varlen_states: bool = False,
 ) -> Any:
-    """``mamba_chunk_scan_combined``'s signature over mamba_ssm's own pure-PyTorch reference
-    (``ssd_chunk_scan_combined_ref``), which runs on CPU. That reference takes no initial or
-    final states, sequence indices or dt limits, and needs a length that is a multiple of
-    ``chunk_size``. Needs a loaded mamba_ssm."""
-    unsupported = {
-        "initial_states": initial_states is not None,
-        "seq_idx": seq_idx is not None,
-        "cu_seqlens": cu_seqlens is not None,
-        "dt_limit": tuple(dt_limit) != (0.0, float("inf")),
-        "return_final_states": return_final_states,
-        "return_varlen_states": return_varlen_states,
-    }
-    given = [name for name, used in unsupported.items() if used]
-    if given:
-        raise NotImplementedError(f"mamba_ssm's reference scan does not take {', '.join(given)}")
-    if x.shape[1] % chunk_size:
-        raise ValueError(
-            f"mamba_ssm's reference scan needs a length ({x.shape[1]}) that is a multiple of "
-            f"chunk_size ({chunk_size})"
+    """``mamba_chunk_scan_combined``'s signature and meaning over mamba_ssm's pure-PyTorch
+    ``ssd_minimal_discrete`` (modules/ssd_minimal.py, the paper's listing), which runs on CPU and
+    differentiates without overflow (``ssd_chunk_scan_combined_ref``, whose masked exponentials
+    overflow in backward on long inputs, has no state arguments). Around it, as the Triton path
+    does: dt_eff = dt (+ dt_bias), softplus when asked, clamped to dt_limit; head h reads group
+    h // (H / G); the scan of dt_eff x with per-step log-decay dt_eff A; then + D x, then
+    * silu(z). Float32 (float64 for float64 x); any length (padded with steps that leave the
+    state unchanged). No seq_idx or varlen states. Needs a loaded mamba_ssm."""
+    import torch
+    import torch.nn.functional as F
+
+    given = [
+        name
+        for name, used in (
+            ("seq_idx", seq_idx is not None),
+            ("cu_seqlens", cu_seqlens is not None),
+            ("return_varlen_states", return_varlen_states),
         )
-    ssd = sys.modules["mamba_ssm.ops.triton.ssd_combined"]
-    return ssd.ssd_chunk_scan_combined_ref(
-        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
-    )
+        if used
+    ]
+    if given:
+        raise NotImplementedError(f"the reference scan does not take {', '.join(given)}")
+    minimal = importlib.import_module("mamba_ssm.modules.ssd_minimal").ssd_minimal_discrete
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    batch, length, heads, _ = x.shape
+    d = dt.to(cdt) if dt_bias is None else dt.to(cdt) + dt_bias.to(cdt)
+    if dt_softplus:
+        d = F.softplus(d)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        d = d.clamp(*dt_limit)
+    per_group = heads // B.shape[2]
+    Bh = B.to(cdt).repeat_interleave(per_group, dim=2)
+    Ch = C.to(cdt).repeat_interleave(per_group, dim=2)
+    X = x.to(cdt) * d[..., None]
+    decay = d * A.to(cdt)
+    pad = -length % chunk_size  # padded steps: no input, decay exp(0) = 1
+    if pad:
+        X, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, Bh, Ch))
+        decay = F.pad(decay, (0, 0, 0, pad))
+    initial = None if initial_states is None else initial_states.to(cdt)[:, None]
+    y, final = minimal(X, decay, Bh, Ch, chunk_size, initial_states=initial)
+    y = y[:, :length]
+    if D is not None:
+        Dc = D.to(cdt)
+        y = y + (Dc[:, None] if Dc.dim() == 1 else Dc) * x.to(cdt)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(x.dtype)
+    return (y, final) if return_final_states else y
 
 
 @contextlib.contextmanager
 def torch_reference_kernels() -> Iterator[None]:
     """Inside, mamba_ssm's ``Mamba2`` (with ``use_mem_eff_path=False``) runs its scan and gated
-    RMSNorm through mamba_ssm's pure-PyTorch references instead of Triton kernels, so that the
-    module runs on CPU: the name ``mamba_chunk_scan_combined`` in ``modules.mamba2`` becomes
-    ``reference_chunk_scan`` and ``rmsnorm_fn`` in ``ops.triton.layernorm_gated`` its
-    ``rms_norm_ref``. Its conv is nn.Conv1d already when causal_conv1d is not installed. Needs a
-    loaded mamba_ssm; lengths must be multiples of the module's chunk_size."""
-    mamba2 = sys.modules["mamba_ssm.modules.mamba2"]
-    gated = sys.modules["mamba_ssm.ops.triton.layernorm_gated"]
+    RMSNorm through pure-PyTorch code instead of Triton kernels, so that the module runs on CPU:
+    the name ``mamba_chunk_scan_combined`` in ``modules.mamba2`` becomes ``reference_chunk_scan``
+    and ``rmsnorm_fn`` in ``ops.triton.layernorm_gated`` mamba_ssm's ``rms_norm_ref``. Its conv
+    is nn.Conv1d already when causal_conv1d is not installed. Needs a loaded mamba_ssm."""
+    mamba2 = importlib.import_module("mamba_ssm.modules.mamba2")
+    gated = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
 
     def rmsnorm(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
         return gated.rms_norm_ref(

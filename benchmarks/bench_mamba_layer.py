@@ -17,8 +17,8 @@ causal_conv1d when installed); mblm runs torch.ops.mblm.conv1d_fwd/bwd and ssd_f
 kernels) and cuBLAS projections.
 
 On CPU mamba_ssm's Triton kernels cannot run: its layer then runs with its scan and norm swapped
-for mamba_ssm's own pure-PyTorch references (``_mamba_ssm.torch_reference_kernels``; lengths must
-be multiples of the chunk size), and without triton mblm's layer runs alone (said in the output).
+for pure-PyTorch code from mamba_ssm (``_mamba_ssm.torch_reference_kernels``), and without triton
+mblm's layer runs alone (said in the output).
 mambapy's Mamba1 layer (``MambaBlock``, d_state 16: what the original mblm builds without
 mamba_ssm) is a further peer when mambapy is importable; it is another layer (throughput only).
 

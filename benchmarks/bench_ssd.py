@@ -13,8 +13,9 @@ Peers, each timed against mblm in the same run:
 - mamba_ssm's ``mamba_chunk_scan_combined`` (what its Mamba2 layer calls, chunk 256), on CUDA,
   when benchmarks/_mamba_ssm.py finds mamba_ssm (installed, or its source: --mamba-ssm-src,
   $MBLM_MAMBA_SSM_SRC, build/mamba_ssm_src; triton needed, its compiled extension not). On CPU
-  the same slot runs mamba_ssm's pure-PyTorch ``ssd_chunk_scan_combined_ref`` when mamba_ssm
-  loads, so that the argument mapping is exercised there too.
+  the same slot runs ``_mamba_ssm.reference_chunk_scan`` (mamba_ssm's pure-PyTorch
+  ``ssd_minimal_discrete`` behind the Triton function's signature) when mamba_ssm loads, so that
+  the argument mapping is exercised there too.
 
 All get what the Mamba2 layer passes: x, B and C split (torch.split) from one
 (B, L, d_inner + 2 G N) conv output and dt split from the in_proj output, all requiring grad, with

@@ -102,16 +102,25 @@ def test_stand_ins_raise_clearly():
 
 
 def test_mapping_matches_ssd_scan_on_cpu():
-    """dt_eff = softplus(dt + dt_bias), D of (H,) or (H, P), groups: the mapping onto
-    mamba_chunk_scan_combined's arguments computes what ssd_scan computes (checked through
-    mamba_ssm's reference, which has the Triton path's signature and meaning)."""
+    """dt_eff = softplus(dt + dt_bias), D of (H,) or (H, P), groups: ssd_scan's arguments mapped
+    onto mamba_chunk_scan_combined's give ssd_scan's result, through mamba_ssm's own reference
+    of that function (``ssd_chunk_scan_combined_ref``: its conventions, forward only) and through
+    ``reference_chunk_scan`` (the CPU stand-in for the Triton function in the benchmarks)."""
     run_python(
         f"""
+        import sys
         import torch
         import _mamba_ssm
         from mblm.ops.ssd import ssd_scan
 
         assert _mamba_ssm.load_mamba_ssm({str(SOURCE)!r})[0] is not None
+        combined_ref = sys.modules["mamba_ssm.ops.triton.ssd_combined"].ssd_chunk_scan_combined_ref
+
+        def mamba_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+                      initial_states=None, dt_softplus=False, return_final_states=False):
+            assert initial_states is None and not return_final_states
+            return combined_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus)
+
         g = torch.Generator().manual_seed(0)
         b, length, h, p, groups, n = 2, 64, 4, 8, 2, 16
 
@@ -126,17 +135,54 @@ def test_mapping_matches_ssd_scan_on_cpu():
                 for softplus in (False, True):
                     d = dt if softplus else dt.abs() * 0.1  # raw dt must be a step size
                     want = ssd_scan(x, d, A, B, C, D, bias, softplus)[0]
-                    got = _mamba_ssm.chunk_scan_like_ssd_scan(
-                        _mamba_ssm.reference_chunk_scan, 16, x, d, A, B, C, D, bias, softplus
-                    )
-                    # the reference casts dt to float32 before its cumulative sums
-                    err = (got - want).abs().max() / want.abs().max()
-                    assert err < 1e-5, (D is None, bias is None, softplus, err)
+                    for scan, tol in ((mamba_ref, 1e-5), (_mamba_ssm.reference_chunk_scan, 1e-12)):
+                        got = _mamba_ssm.chunk_scan_like_ssd_scan(
+                            scan, 16, x, d, A, B, C, D, bias, softplus
+                        )
+                        # mamba_ssm's reference casts dt to float32 before its cumulative sums
+                        err = (got - want).abs().max() / want.abs().max()
+                        assert err < tol, (scan, D is None, bias is None, softplus, err)
         """
     )
 
 
-def test_reference_scan_refuses_what_it_cannot_do():
+def test_reference_chunk_scan_states_and_gradients_on_cpu():
+    """reference_chunk_scan with an initial state, its final state, a length that is not a
+    multiple of the chunk, and gradients, against ssd_scan (float64)."""
+    run_python(
+        f"""
+        import torch
+        import _mamba_ssm
+        from mblm.ops.ssd import ssd_scan
+
+        assert _mamba_ssm.load_mamba_ssm({str(SOURCE)!r})[0] is not None
+        g = torch.Generator().manual_seed(1)
+        b, length, h, p, groups, n = 2, 50, 4, 8, 2, 16
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+        inputs = (randn(b, length, h, p), randn(b, length, h), -torch.rand(h, generator=g,
+                  dtype=torch.float64).mul(8).add(1).requires_grad_(), randn(b, length, groups, n),
+                  randn(b, length, groups, n), randn(h, p), randn(h), randn(b, h, p, n))
+        x, dt, A, B, C, D, bias, s0 = inputs
+        up_y, up_s = torch.randn(b, length, h, p, dtype=torch.float64), torch.randn(b, h, p, n,
+                                                                                   dtype=torch.float64)
+        y1, s1 = ssd_scan(x, dt, A, B, C, D, bias, True, s0)
+        y2, s2 = _mamba_ssm.chunk_scan_like_ssd_scan(
+            _mamba_ssm.reference_chunk_scan, 16, x, dt, A, B, C, D, bias, True, s0, final_state=True
+        )
+        torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(s2, s1, rtol=1e-10, atol=1e-10)
+        g1 = torch.autograd.grad((y1 * up_y).sum() + (s1 * up_s).sum(), inputs)
+        g2 = torch.autograd.grad((y2 * up_y).sum() + (s2 * up_s).sum(), inputs)
+        for a, b_ in zip(g1, g2):
+            torch.testing.assert_close(b_, a, rtol=1e-9, atol=1e-9)
+        """
+    )
+
+
+def test_reference_chunk_scan_refuses_what_it_cannot_do():
     run_python(
         f"""
         import torch
@@ -145,18 +191,12 @@ def test_reference_scan_refuses_what_it_cannot_do():
         assert _mamba_ssm.load_mamba_ssm({str(SOURCE)!r})[0] is not None
         x, dt = torch.zeros(1, 8, 2, 4), torch.zeros(1, 8, 2)
         A, B = torch.zeros(2), torch.zeros(1, 8, 1, 4)
-        for kwargs in (dict(initial_states=torch.zeros(1, 2, 4, 4)), dict(return_final_states=True)):
+        for kwargs in (dict(seq_idx=torch.zeros(1, 8)), dict(return_varlen_states=True)):
             try:
                 _mamba_ssm.reference_chunk_scan(x, dt, A, B, B, 8, **kwargs)
             except NotImplementedError as exc:
                 assert next(iter(kwargs)) in str(exc)
             else:
                 raise AssertionError(kwargs)
-        try:
-            _mamba_ssm.reference_chunk_scan(x, dt, A, B, B, 3)
-        except ValueError as exc:
-            assert "multiple of chunk_size" in str(exc)
-        else:
-            raise AssertionError("length 8, chunk 3 accepted")
         """
     )
