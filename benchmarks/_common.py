@@ -158,6 +158,18 @@ def time_pair(
     return statistics.median(times_a), statistics.median(times_b)
 
 
+def require_kernels(device: torch.device) -> None:
+    """Exits when ``device`` is CUDA and mblm was built without its CUDA kernels: its ops would
+    fall back to the PyTorch references (sequential loops), and the timings would mean nothing."""
+    from mblm.ops._loader import cuda_kernels_available
+
+    if device.type == "cuda" and not cuda_kernels_available():
+        raise SystemExit(
+            "mblm was built without CUDA kernels (mblm.ops.build_info()['cuda'] is false): "
+            "build with -DMBLM_CUDA=ON (tools/gpu_check.sh) before benchmarking on CUDA"
+        )
+
+
 def attempt(fn: Callable[[], Any], device: torch.device) -> tuple[Any, str]:
     """(fn(), "") or, when fn raises, (None, a one-line reason): one backend failing (out of
     memory, a kernel error) is reported in its row instead of ending the whole run. After a

@@ -24,7 +24,9 @@ mamba_ssm) is a further peer when mambapy is importable; it is another layer (th
 
 Before timing, at every length, the outputs of mblm and mamba_ssm on one input are compared
 (max |out_mblm - out_mamba_ssm|, printed and kept in the row's note; with autocast also once in
-float32 at the first length). Times are medians of alternating runs; ratio = peer time / mblm
+float32 at the first length, where mamba_ssm's Triton matrix products still round their inputs
+to TF32 unless TRITON_F32_DEFAULT=ieee is set: tests/model/test_mamba2_vs_mamba_ssm.py is the
+exact comparison). Times are medians of alternating runs; ratio = peer time / mblm
 time (> 1: mblm faster); tokens/s = B * L / time; peak = extra memory of one call. A backend that
 fails (out of memory, a kernel error) gets a row whose note says why, and the run goes on. Rows
 are appended to benchmarks/results/bench_mamba_layer.csv unless --no-csv.
@@ -36,6 +38,7 @@ import argparse
 import contextlib
 import gc
 import importlib.util
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -160,6 +163,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    _common.require_kernels(device)
     autocast = device.type == "cuda" and not args.no_autocast
     if args.lengths:
         lengths = [int(n) for n in args.lengths.split(",")]
@@ -234,7 +238,12 @@ def measure_length(
                 lambda f=forward, r=exact: max_abs_diff(r, ours, f), device
             )
             text = failed or f"{diff[0]:.3g} (max |out| {diff[1]:.3g})"
-            print(f"{shape} {name}: float32 max |out_mblm - out_peer| = {text}", flush=True)
+            tf32 = os.environ.get("TRITON_F32_DEFAULT", "tf32")
+            print(
+                f"{shape} {name}: float32 max |out_mblm - out_peer| = {text} "
+                f"(mamba_ssm's Triton dots: {tf32})",
+                flush=True,
+            )
             notes[name] += f" float32_max_abs_diff={diff[0]:.3g}" if diff else ""
 
     rows = []

@@ -307,6 +307,7 @@ def main() -> None:
     parser.add_argument("--mamba-ssm-src", default=None, help="mamba_ssm's source folder")
     args = parser.parse_args()
     device = torch.device(args.device)
+    _common.require_kernels(device)
     dtype = torch.float32
     repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 5)
     others = peers(device, args.mamba_ssm_src)

@@ -221,6 +221,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    _common.require_kernels(device)
     dtype = getattr(torch, args.dtype)
     repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 5)
     base = _common.base_row(device)

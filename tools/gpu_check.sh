@@ -5,6 +5,8 @@
 # pyyaml tqdm pytest einops numpy filelock pillow safetensors typing_extensions matplotlib`) are
 # installed without an index.
 # Outputs land in ${OUT:-build/gpu-out}: the pytest log and junit XML, benchmark logs and rows.
+# mamba_ssm peers (bench_ssd, bench_mamba_layer, tests/model/test_mamba2_vs_mamba_ssm.py) need its
+# source, carried as build/mamba_ssm_src (or $MBLM_MAMBA_SSM_SRC; see benchmarks/_mamba_ssm.py).
 #   bash tools/gpu_check.sh [pytest args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
