@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import platform
 import socket
 import statistics
@@ -155,6 +156,32 @@ def time_pair(
         times_a += time_fn(fn_a, device, repeats=1, warmup=0)
         times_b += time_fn(fn_b, device, repeats=1, warmup=0)
     return statistics.median(times_a), statistics.median(times_b)
+
+
+def require_kernels(device: torch.device) -> None:
+    """Exits when ``device`` is CUDA and mblm was built without its CUDA kernels: its ops would
+    fall back to the PyTorch references (sequential loops), and the timings would mean nothing."""
+    from mblm.ops._loader import cuda_kernels_available
+
+    if device.type == "cuda" and not cuda_kernels_available():
+        raise SystemExit(
+            "mblm was built without CUDA kernels (mblm.ops.build_info()['cuda'] is false): "
+            "build with -DMBLM_CUDA=ON (tools/gpu_check.sh) before benchmarking on CUDA"
+        )
+
+
+def attempt(fn: Callable[[], Any], device: torch.device) -> tuple[Any, str]:
+    """(fn(), "") or, when fn raises, (None, a one-line reason): one backend failing (out of
+    memory, a kernel error) is reported in its row instead of ending the whole run. After a
+    failure the CUDA cache is emptied so the next case starts from free memory."""
+    try:
+        return fn(), ""
+    except Exception as exc:  # any backend error: the run goes on to the next measurement
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    gc.collect()  # the failed call's frames may still hold its tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return None, reason[:200]
 
 
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:

@@ -1,6 +1,7 @@
 """mblm selective scan (torch.ops.mblm.scan_fwd / scan_bwd) vs mambapy's parallel scan.
 
-Usage: python benchmarks/bench_scan.py [--quick] [--no-record] [--note TEXT] [--device cpu|cuda]
+Usage: python benchmarks/bench_scan.py [--quick | --smoke] [--no-record] [--note TEXT]
+                                       [--device cpu|cuda] [--mamba-ssm-src DIR]
 
 The peer is what the original mblm runs for its Mamba1 blocks when mamba_ssm is missing (always
 on CPU): mambapy's ``MambaBlock.selective_scan`` with its Blelloch parallel scan ``pscan``. It is
@@ -18,6 +19,12 @@ parallel-scan selective scan, y * silu(z). "fwd" runs under no_grad; "fwd+bwd" a
 backward of a fixed upstream gradient. Times are medians of alternating runs; ratio = peer time /
 mblm time (> 1: mblm is faster). Rows are appended to benchmarks/results/bench_scan.csv unless
 --no-record.
+
+On CUDA, mamba_ssm's ``selective_scan_fn`` is a second peer when benchmarks/_mamba_ssm.py finds
+it with its compiled extension (``selective_scan_cuda``; mamba_ssm's source alone does not have
+it): the same tensors and arguments (its signature is selective_scan's), y only. Without it the
+run says so and measures the mambapy peer alone. A peer whose output disagrees with mblm's
+(relative error > 1e-3) or that fails is reported and not timed.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+import _mamba_ssm  # noqa: E402
 
 _common.prefer_checkout()
 
@@ -188,7 +196,9 @@ class Case:
         return f"B={self.batch} L={self.length} ED={self.dim} N={self.d_state}"
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, smoke: bool = False) -> list[Case]:
+    if smoke:
+        return [Case(1, 64, 16)]
     if quick:
         return [Case(2, 1024, 256), Case(2, 4096, 512)]
     return [Case(2, 1024, 512), Case(2, 4096, 512), Case(1, 8192, 256)]
@@ -230,6 +240,41 @@ def run_mblm(x, z, delta, dbc, A, D, bias, rank, n):
     return y.transpose(1, 2)
 
 
+def mamba_ssm_peer(selective_scan_fn):
+    """mamba_ssm's selective_scan_fn on the arguments mblm's selective_scan gets (y only)."""
+
+    def run(x, z, delta, dbc, A, D, bias, rank, n):
+        B, C = dbc[..., rank : rank + n], dbc[..., rank + n :]
+        y = selective_scan_fn(
+            x.transpose(1, 2),
+            delta.transpose(1, 2),
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D,
+            z.transpose(1, 2),
+            bias,
+            True,
+        )
+        return y.transpose(1, 2)
+
+    return run
+
+
+def peers(device: torch.device, mamba_ssm_src: str | None) -> dict:
+    """The peers measured on ``device``, by the name stored in the rows' peer column."""
+    out = {"mambapy pscan (re-implementation)": run_peer}
+    if device.type != "cuda":
+        return out
+    ms, why = _mamba_ssm.load_mamba_ssm(mamba_ssm_src)
+    if ms is None or ms.selective_scan_fn is None:
+        print(f"# mamba_ssm selective_scan_fn: not available ({why}); mambapy peer only")
+    else:
+        print(f"# mamba_ssm: {why}")
+        out["mamba_ssm selective_scan_fn"] = mamba_ssm_peer(ms.selective_scan_fn)
+    return out
+
+
 def run_peer(x, z, delta, dbc, A, D, bias, rank, n):
     B, C = dbc[..., rank : rank + n], dbc[..., rank + n :]
     dt = F.softplus(delta + bias)
@@ -252,63 +297,96 @@ def timed_call(run, mode, inputs, leaves, grad):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small cases, few repeats")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small cases, few repeats")
+    size.add_argument("--smoke", action="store_true", help="one tiny case, 1 repeat (tests)")
     parser.add_argument("--no-record", action="store_true", help="do not append to the CSV")
     parser.add_argument("--note", default="", help="note stored with every row")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=0)
+    parser.add_argument("--mamba-ssm-src", default=None, help="mamba_ssm's source folder")
     args = parser.parse_args()
     device = torch.device(args.device)
+    _common.require_kernels(device)
     dtype = torch.float32
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 5)
+    others = peers(device, args.mamba_ssm_src)
     rows = []
-    for case in cases(args.quick):
+    for case in cases(args.quick, args.smoke):
         inputs = make_inputs(case, device, dtype)
         grad = torch.randn(case.batch, case.length, case.dim, device=device, dtype=dtype)
-        with torch.no_grad():
-            got, want = run_mblm(*inputs), run_peer(*inputs)
-        err = (got - want).abs().max().item() / want.abs().max().item()
-        if err > 1e-3:
-            raise SystemExit(f"mblm and the peer disagree on {case.shape}: relative error {err}")
         leaves = [t for t in inputs[:7] if t.requires_grad]
-
-        for mode in ("fwd", "fwd+bwd"):
-
-            def make(run, mode=mode, inputs=inputs, leaves=leaves, grad=grad):
-                return timed_call(run, mode, inputs, leaves, grad)
-
-            t_impl, t_peer = _common.time_pair(
-                make(run_mblm), make(run_peer), device, repeats=repeats
-            )
-            mem_impl = _common.peak_memory_mib(make(run_mblm), device)
-            mem_peer = _common.peak_memory_mib(make(run_peer), device)
+        want, failed = _common.attempt(lambda inputs=inputs: _no_grad(run_mblm, inputs), device)
+        if want is None:
+            print(f"{case.shape}: mblm failed: {failed}", flush=True)
+        for name, peer in others.items() if want is not None else ():
             row = _common.base_row(device)
             row.update(
                 case="selective_scan",
                 shape=case.shape,
                 dtype=str(dtype).removeprefix("torch."),
-                mode=mode,
-                impl_ms=t_impl * 1e3,
-                peer="mambapy pscan (re-implementation)",
-                peer_ms=t_peer * 1e3,
-                ratio=t_peer / t_impl,
-                impl_peak_mib=mem_impl,
-                peer_peak_mib=mem_peer,
+                peer=name,
                 repeats=repeats,
                 note=args.note,
             )
-            rows.append(row)
-            print(
-                f"{case.shape} {mode}: mblm {t_impl * 1e3:.1f} ms, peer {t_peer * 1e3:.1f} ms, "
-                f"ratio {t_peer / t_impl:.1f}x",
-                flush=True,
+            got, failed = _common.attempt(
+                lambda peer=peer, inputs=inputs: _no_grad(peer, inputs), device
             )
+            if got is not None:
+                err = (got - want).abs().max().item() / want.abs().max().item()
+                if err > 1e-3:
+                    failed = f"disagrees with mblm: relative error {err:.2e}"
+            if failed:
+                print(f"{case.shape} {name}: {failed}", flush=True)
+                rows.append(dict(row, mode="fwd", note=f"{failed} {args.note}".strip()))
+                continue
+            for mode in ("fwd", "fwd+bwd"):
+
+                def make(run, mode=mode, inputs=inputs, leaves=leaves, grad=grad):
+                    return timed_call(run, mode, inputs, leaves, grad)
+
+                times, failed = _common.attempt(
+                    lambda make=make, peer=peer: _common.time_pair(
+                        make(run_mblm), make(peer), device, repeats=repeats
+                    ),
+                    device,
+                )
+                if times is None:
+                    print(f"{case.shape} {name} {mode}: failed: {failed}", flush=True)
+                    rows.append(dict(row, mode=mode, note=f"failed: {failed} {args.note}".strip()))
+                    continue
+                t_impl, t_peer = times
+                mem_impl = _common.peak_memory_mib(make(run_mblm), device)
+                mem_peer = _common.peak_memory_mib(make(peer), device)
+                rows.append(
+                    dict(
+                        row,
+                        mode=mode,
+                        impl_ms=t_impl * 1e3,
+                        peer_ms=t_peer * 1e3,
+                        ratio=t_peer / t_impl,
+                        impl_peak_mib=mem_impl,
+                        peer_peak_mib=mem_peer,
+                    )
+                )
+                print(
+                    f"{case.shape} {name} {mode}: mblm {t_impl * 1e3:.1f} ms, "
+                    f"peer {t_peer * 1e3:.1f} ms, ratio {t_peer / t_impl:.1f}x",
+                    flush=True,
+                )
     _common.print_table(
-        rows, ("shape", "mode", "impl_ms", "peer_ms", "ratio", "impl_peak_mib", "peer_peak_mib")
-    )
+        rows,
+        ("shape", "peer", "mode", "impl_ms", "peer_ms", "ratio", "impl_peak_mib",
+         "peer_peak_mib", "note"),
+    )  # fmt: skip
     if not args.no_record:
         path = _common.append_rows("bench_scan", rows)
         print(f"appended {len(rows)} rows to {path}")
+
+
+def _no_grad(run, inputs):
+    with torch.no_grad():
+        return run(*inputs)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 #   bash tools/gpu_check.sh all                   # everything (more than one device command)
 #
 # Offline: run `bash tools/gpu_wheels.sh` where there is internet first and carry build/gpu_wheels
-# and build/mamba_ssm_src; what the GPU machine lacks is installed from there. The build is
+# and build/mamba_ssm_src (the mamba_ssm peers of bench_ssd, bench_mamba_layer and
+# tests/model/test_mamba2_vs_mamba_ssm.py import its source from there, see
+# benchmarks/_mamba_ssm.py); what the GPU machine lacks is installed from there. The build is
 # incremental (build/gpu), so `build` is cheap after the first time on a warm machine.
 # Logs, junit XML and benchmark rows land in ${MBLM_GPU_LOGS:-build/gpu-out}; when $OUT is set
 # (the device tool's folder of files to bring back) they are also packed into
