@@ -300,7 +300,13 @@ def main() -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small cases, few repeats")
     size.add_argument("--smoke", action="store_true", help="one tiny case, 1 repeat (tests)")
-    parser.add_argument("--no-record", action="store_true", help="do not append to the CSV")
+    parser.add_argument(
+        "--no-record",
+        "--no-csv",
+        dest="no_record",
+        action="store_true",
+        help="do not append to the CSV",
+    )
     parser.add_argument("--note", default="", help="note stored with every row")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=0)

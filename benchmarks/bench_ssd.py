@@ -216,7 +216,13 @@ def main() -> None:
         "--tokens", type=int, default=0, help="tokens of the CUDA d_model 1024 cases (B x L)"
     )
     parser.add_argument("--mamba-ssm-src", default=None, help="mamba_ssm's source folder")
-    parser.add_argument("--no-record", action="store_true", help="do not append to the CSV")
+    parser.add_argument(
+        "--no-record",
+        "--no-csv",
+        dest="no_record",
+        action="store_true",
+        help="do not append to the CSV",
+    )
     parser.add_argument("--note", default="", help="free text stored with every CSV row")
     args = parser.parse_args()
 

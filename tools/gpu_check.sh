@@ -2,7 +2,8 @@
 # The GPU work of issue 8 on a CUDA machine, in steps that each fit one device command (10 min):
 #
 #   bash tools/gpu_check.sh build test            # CUDA build, then the whole test suite
-#   bash tools/gpu_check.sh build bench-ops       # op benchmarks vs SDPA / mamba_ssm / mambapy
+#   bash tools/gpu_check.sh build bench-ops       # attention vs every SDPA backend, conv, patch
+#   bash tools/gpu_check.sh build bench-mamba     # SSD / Mamba2 layer vs mamba_ssm, scan
 #   bash tools/gpu_check.sh build bench-model     # paper-sized train steps vs the original, bf16
 #   bash tools/gpu_check.sh build long-context    # largest trainable input length, bf16
 #   bash tools/gpu_check.sh all                   # everything (more than one device command)
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
   steps+=("$1"); shift
 done
 [ ${#steps[@]} -eq 0 ] && steps=(build test)
-[ "${steps[0]}" = all ] && steps=(build test bench-ops bench-model long-context)
+[ "${steps[0]}" = all ] && steps=(build test bench-ops bench-mamba bench-model long-context)
 
 install_missing() {
   local missing
@@ -91,12 +92,14 @@ bench() {
 
 step_bench_ops() {
   bench bench_attention 240 --device cuda --dtype bfloat16
-  bench bench_ssd 120 --device cuda
-  bench bench_scan 90 --device cuda
   bench bench_conv 60 --device cuda
   bench bench_patch 60 --device cuda
-  [ -f benchmarks/bench_mamba_layer.py ] && bench bench_mamba_layer 120 --device cuda
-  return 0
+}
+
+step_bench_mamba() {
+  bench bench_ssd 180 --device cuda --dtype bfloat16
+  bench bench_scan 90 --device cuda
+  bench bench_mamba_layer 150 --device cuda
 }
 
 # The original mblm 0.4.2 beside the machine's CUDA torch (system site packages), from the wheels.
@@ -131,9 +134,10 @@ for step in "${steps[@]}"; do
     build) step_build || exit 1 ;;
     test) step_test || rc=1 ;;
     bench-ops) step_bench_ops ;;
+    bench-mamba) step_bench_mamba ;;
     bench-model) step_bench_model ;;
     long-context) step_long_context ;;
-    *) echo "unknown step: $step (build test bench-ops bench-model long-context all)"; exit 2 ;;
+    *) echo "unknown step: $step (build test bench-ops bench-mamba bench-model long-context all)"; exit 2 ;;
   esac
 done
 cp benchmarks/results/*.csv "$LOGS/" 2>/dev/null

@@ -293,7 +293,7 @@ class _HierarchyMixin(nn.Module):
                 # stage k sees every patch of S_k = P_{k+1} * ... * P_{n-1} bytes as one token
                 patch = math.prod(self.seq_lens[k + 1 :])
                 stage_ids = ids if k == n - 1 else ids.reshape(*ids.shape[: k + 2], patch)
-                emb = self.token_embs_rev[n - 1 - k](stage_ids)
+                emb = self._stage_embedding(k, stage_ids, None)
             else:
                 assert embeds_single is not None
                 stage_embeds = embeds_single
@@ -301,7 +301,7 @@ class _HierarchyMixin(nn.Module):
                     # (B, P0', P_1, ..., P_k, S_k, D_local): one row per byte of each patch
                     lead = embeds_single.shape[: k + 2]
                     stage_embeds = embeds_single.reshape(*lead, -1, embeds_single.shape[-1])
-                emb = self.token_embs_rev[n - 1 - k](None, stage_embeds)
+                emb = self._stage_embedding(k, None, stage_embeds)
             pos_emb = self.pos_embs[k]
             if isinstance(pos_emb, RoPE):
                 # RoPE takes [b, s, heads, head_dim]: one "head" of the full width
@@ -309,6 +309,23 @@ class _HierarchyMixin(nn.Module):
                 emb = pos_emb(emb.reshape(-1, s, 1, d)).view(emb.shape)
             embs[k] = emb
         return embs
+
+    def _stage_embedding(
+        self, k: int, ids: torch.Tensor | None, embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Stage k's byte embedding. A global stage's (LayerNorm over the patch's bytes, Linear,
+        LayerNorm) keeps activations of the width of its whole patch per byte: when training
+        with checkpoint chunks (the memory-saving mode) it is recomputed in backward instead."""
+        module = self.token_embs_rev[self.num_stages - 1 - k]
+        recompute = (
+            k < self.num_stages - 1
+            and self.training
+            and torch.is_grad_enabled()
+            and any(c is not None for c in getattr(self, "checkpoint_chunks", ()))
+        )
+        if recompute:
+            return checkpoint(module, ids, embeds, use_reentrant=False)
+        return module(ids, embeds)
 
     def _fixed_positions(self, k: int, length: int) -> torch.Tensor | None:
         """The learned positional embeddings of positions 0..length-1 of stage k, if any."""

@@ -1,0 +1,107 @@
+"""Training with checkpoint chunks recomputes the global stages' byte embeddings in backward.
+
+A global stage's embedding (LayerNorm over the patch's bytes, Linear, LayerNorm) would keep
+activations as wide as its whole patch (patch size x local dim) per patch, i.e. local-dim
+floats per input byte per global stage: the largest activations of a long-context model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mblm import MBLM, MBLMModelConfig, MBLMReturnType
+
+PATCH = 16 * 8
+LOCAL_DIM = 24
+
+
+def _model(chunks: list[int] | None, block: str = "transformer") -> MBLM:
+    global_block = (
+        {"block_type": "mamba2", "d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8}
+        if block == "mamba2"
+        else {
+            "block_type": "transformer",
+            "attn_head_dims": 8,
+            "attn_num_heads": 2,
+            "attn_use_rot_embs": True,
+            "pos_emb_type": "fixed",
+        }
+    )
+    local = {
+        "block_type": "transformer",
+        "attn_head_dims": 8,
+        "attn_num_heads": 2,
+        "attn_use_rot_embs": True,
+        "pos_emb_type": "fixed",
+    }
+    cfg = MBLMModelConfig(
+        num_tokens=257,
+        pad_token_id=256,
+        hidden_dims=[32, 16, LOCAL_DIM],
+        seq_lens=[4, 16, 8],
+        num_layers=[1, 1, 1],
+        train_checkpoint_chunks=chunks,
+        block=[global_block, local, local],
+    )
+    torch.manual_seed(0)
+    return MBLM(cfg).train()
+
+
+def _loss_and_grads(model: MBLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, return_type=MBLMReturnType.LOSS)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _saved_widths(model: MBLM, ids: torch.Tensor) -> set[int]:
+    """Last-dim sizes of the float activations autograd keeps for backward (parameters aside)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    widths: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params and t.dim():
+            widths.add(t.shape[-1])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, return_type=MBLMReturnType.LOSS)
+    return widths
+
+
+@pytest.mark.parametrize("block", ["transformer", "mamba2"])
+def test_recomputed_embeddings_give_the_same_loss_and_gradients(block):
+    ids = torch.randint(0, 256, (2, 4 * PATCH - 5))
+    loss_a, grads_a = _loss_and_grads(_model(None, block), ids)
+    loss_b, grads_b = _loss_and_grads(_model([2, 3], block), ids)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+    assert grads_a.keys() == grads_b.keys()
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_checkpoint_chunks_keep_no_patch_wide_activation():
+    ids = torch.randint(0, 256, (1, 4 * PATCH))
+    flat_global, flat_stage1 = PATCH * LOCAL_DIM, 8 * LOCAL_DIM
+    assert {flat_global, flat_stage1} <= _saved_widths(_model(None), ids)
+    assert not {flat_global, flat_stage1} & _saved_widths(_model([2, 3]), ids)
+
+
+def test_embeddings_are_recomputed_only_in_training():
+    model = _model([2, 3])
+    ids = torch.randint(0, 256, (1, 4 * PATCH))
+    with torch.no_grad():
+        eval_loss = model.eval()(ids, return_type=MBLMReturnType.LOSS)
+    calls = []
+    handle = model.token_embs_rev[2].register_forward_pre_hook(lambda *a: calls.append(1))
+    model.eval()(ids, return_type=MBLMReturnType.LOSS).backward()
+    handle.remove()
+    assert calls == [1]  # eval: run once, never again in backward
+    model.train()
+    calls.clear()
+    handle = model.token_embs_rev[2].register_forward_pre_hook(lambda *a: calls.append(1))
+    model(ids, return_type=MBLMReturnType.LOSS).backward()
+    handle.remove()
+    assert calls == [1, 1]  # train with chunks: forward, then the recomputation in backward
+    assert torch.isfinite(eval_loss)
