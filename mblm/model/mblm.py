@@ -281,12 +281,16 @@ class _HierarchyMixin(nn.Module):
         ids: torch.Tensor | None,
         embeds_list: list[torch.Tensor] | None,
         embeds_single: torch.Tensor | None,
+        skip_local: bool = False,
     ) -> list[torch.Tensor]:
         """Byte embeddings of every stage (global first): stage k gets (B, P0', P_1, ..., P_k,
-        D_k); RoPE stages are rotated here, learned ("fixed") positions are added later."""
+        D_k); RoPE stages are rotated here, learned ("fixed") positions are added later. With
+        ``skip_local`` the local stage's entry is left empty (``_run_stages`` embeds it)."""
         n = self.num_stages
         embs: list[torch.Tensor] = [torch.empty(0)] * n
         for k in range(n - 1, -1, -1):
+            if skip_local and k == n - 1:
+                continue
             if embeds_list is not None:
                 emb = embeds_list[n - 1 - k]
             elif ids is not None:
@@ -302,13 +306,17 @@ class _HierarchyMixin(nn.Module):
                     lead = embeds_single.shape[: k + 2]
                     stage_embeds = embeds_single.reshape(*lead, -1, embeds_single.shape[-1])
                 emb = self._stage_embedding(k, None, stage_embeds)
-            pos_emb = self.pos_embs[k]
-            if isinstance(pos_emb, RoPE):
-                # RoPE takes [b, s, heads, head_dim]: one "head" of the full width
-                s, d = emb.shape[-2], emb.shape[-1]
-                emb = pos_emb(emb.reshape(-1, s, 1, d)).view(emb.shape)
-            embs[k] = emb
+            embs[k] = self._rotate(k, emb)
         return embs
+
+    def _rotate(self, k: int, emb: torch.Tensor) -> torch.Tensor:
+        """Stage k's embeddings rotated by its RoPE, if it has one."""
+        pos_emb = self.pos_embs[k]
+        if not isinstance(pos_emb, RoPE):
+            return emb
+        # RoPE takes [b, s, heads, head_dim]: one "head" of the full width
+        s, d = emb.shape[-2], emb.shape[-1]
+        return pos_emb(emb.reshape(-1, s, 1, d)).view(emb.shape)
 
     def _stage_embedding(
         self, k: int, ids: torch.Tensor | None, embeds: torch.Tensor | None
@@ -317,15 +325,18 @@ class _HierarchyMixin(nn.Module):
         LayerNorm) keeps activations of the width of its whole patch per byte: when training
         with checkpoint chunks (the memory-saving mode) it is recomputed in backward instead."""
         module = self.token_embs_rev[self.num_stages - 1 - k]
-        recompute = (
-            k < self.num_stages - 1
-            and self.training
+        if k < self.num_stages - 1 and self._saving_memory():
+            return checkpoint(module, ids, embeds, use_reentrant=False)
+        return module(ids, embeds)
+
+    def _saving_memory(self) -> bool:
+        """Training with checkpoint chunks: activations are recomputed in backward wherever
+        that is cheap, not only in the chunked stages."""
+        return (
+            self.training
             and torch.is_grad_enabled()
             and any(c is not None for c in getattr(self, "checkpoint_chunks", ()))
         )
-        if recompute:
-            return checkpoint(module, ids, embeds, use_reentrant=False)
-        return module(ids, embeds)
 
     def _fixed_positions(self, k: int, length: int) -> torch.Tensor | None:
         """The learned positional embeddings of positions 0..length-1 of stage k, if any."""
@@ -469,9 +480,13 @@ class MBLM(_HierarchyMixin):
                 inputs_embeds, self.start_tokens[-1].numel()
             )
 
-        embs = self._embed_stages(ids, embeds_list, embeds_single)
-        y = self._run_stages(embs)
-        local_shape = (*embs[-1].shape[:-2], y.shape[-2], y.shape[-1])
+        # Training with checkpoint chunks: the local stage embeds its bytes inside its
+        # checkpointed chunks, so that only the ids (not its float input) are kept for backward.
+        defer_local = ids is not None and self.num_stages > 1 and self._saving_memory()
+        embs = self._embed_stages(ids, embeds_list, embeds_single, skip_local=defer_local)
+        y = self._run_stages(embs, ids if defer_local else None)
+        lead = ids.shape[:-1] if defer_local else embs[-1].shape[:-2]
+        local_shape = (*lead, y.shape[-2], y.shape[-1])
 
         if return_type == MBLMReturnType.HIDDEN_STATE:
             if flattened:
@@ -511,11 +526,16 @@ class MBLM(_HierarchyMixin):
         """Local outputs (N, 1+P, D) as (B, N/B, 1+P, D) for ``patch_unpatch``."""
         return y.view(local_shape[0], -1, y.shape[-2], y.shape[-1])
 
-    def _run_stages(self, embs: list[torch.Tensor]) -> torch.Tensor:
-        """Runs the stages global to local; returns the local outputs (N_{n-1}, 1 + P, D)."""
+    def _run_stages(
+        self, embs: list[torch.Tensor], local_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Runs the stages global to local; returns the local outputs (N_{n-1}, 1 + P, D).
+        ``local_ids``: the nested ids, when the local stage's embedding was left to this."""
         prev: torch.Tensor | None = None
         y = torch.empty(0)
         for k in range(self.num_stages):
+            if k == self.num_stages - 1 and local_ids is not None:
+                return self._run_local_from_ids(local_ids, prev)
             emb = embs[k]
             seq_len, dim = emb.shape[-2], emb.shape[-1]
             # the patches of stage k-1 are the batch of stage k: (N_k, s_k, D_k)
@@ -535,10 +555,38 @@ class MBLM(_HierarchyMixin):
             prev = self.to_next_stage_proj[k](y)
         return y
 
+    def _run_local_from_ids(self, ids: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """The local stage in its checkpoint chunks, each embedding its own bytes: backward
+        keeps the ids and the previous stage's projection instead of the float stage input."""
+        k = self.num_stages - 1
+        rows = ids.reshape(-1, ids.shape[-1])
+        pos = self._fixed_positions(k, rows.shape[-1])
+        chunks = self.checkpoint_chunks[k]
+        assert chunks is not None
+
+        def run(ids_chunk: torch.Tensor, prev_chunk: torch.Tensor | None) -> torch.Tensor:
+            emb = self._rotate(k, self._stage_embedding(k, ids_chunk, None))
+            tokens = _assemble(emb, self.start_tokens[k], pos, prev_chunk)
+            return self.stage_models[k](tokens)
+
+        id_chunks = torch.chunk(rows, chunks, dim=0)
+        prev_chunks = (
+            torch.chunk(prev, chunks, dim=0) if prev is not None else (None,) * len(id_chunks)
+        )
+        outs = [
+            checkpoint(run, i, p, use_reentrant=False)
+            for i, p in zip(id_chunks, prev_chunks, strict=True)
+        ]
+        return torch.cat(outs, dim=0)
+
     def _run_stage(self, k: int, tokens: torch.Tensor) -> torch.Tensor:
         model = self.stage_models[k]
         chunks = self.checkpoint_chunks[k]
         if chunks is None:
+            # the global stage (one sequence per batch row, so no chunks) is recomputed whole:
+            # its L / S_0 positions cost little to recompute but keep every layer's activations
+            if k == 0 and self._saving_memory():
+                return checkpoint(model, tokens, use_reentrant=False)
             return model(tokens)
         outs = [
             checkpoint(model, chunk, use_reentrant=False) if self.training else model(chunk)

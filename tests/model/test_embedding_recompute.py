@@ -1,8 +1,10 @@
-"""Training with checkpoint chunks recomputes the global stages' byte embeddings in backward.
+"""Training with checkpoint chunks recomputes cheap activations in backward (memory-saving mode).
 
-A global stage's embedding (LayerNorm over the patch's bytes, Linear, LayerNorm) would keep
-activations as wide as its whole patch (patch size x local dim) per patch, i.e. local-dim
-floats per input byte per global stage: the largest activations of a long-context model.
+- A global stage's embedding (LayerNorm over the patch's bytes, Linear, LayerNorm) would keep
+  activations as wide as its whole patch (patch size x local dim) per patch, i.e. local-dim
+  floats per input byte per global stage: the largest activations of a long-context model.
+- The global stage is recomputed whole (it has no chunks).
+- The local stage embeds its bytes inside its checkpointed chunks, so its float input is not kept.
 """
 
 from __future__ import annotations
@@ -55,19 +57,19 @@ def _loss_and_grads(model: MBLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _saved_widths(model: MBLM, ids: torch.Tensor) -> set[int]:
-    """Last-dim sizes of the float activations autograd keeps for backward (parameters aside)."""
+def _saved_shapes(model: MBLM, ids: torch.Tensor) -> set[tuple[int, ...]]:
+    """Shapes of the float activations autograd keeps for backward (parameters aside)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    widths: set[int] = set()
+    shapes: set[tuple[int, ...]] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if t.is_floating_point() and t.untyped_storage().data_ptr() not in params and t.dim():
-            widths.add(t.shape[-1])
+            shapes.add(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids, return_type=MBLMReturnType.LOSS)
-    return widths
+    return shapes
 
 
 @pytest.mark.parametrize("block", ["transformer", "mamba2"])
@@ -81,11 +83,24 @@ def test_recomputed_embeddings_give_the_same_loss_and_gradients(block):
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_checkpoint_chunks_keep_no_patch_wide_activation():
+@pytest.mark.parametrize("block", ["transformer", "mamba2"])
+def test_checkpoint_chunks_keep_no_patch_wide_activation_and_no_stage_input(block):
     ids = torch.randint(0, 256, (1, 4 * PATCH))
-    flat_global, flat_stage1 = PATCH * LOCAL_DIM, 8 * LOCAL_DIM
-    assert {flat_global, flat_stage1} <= _saved_widths(_model(None), ids)
-    assert not {flat_global, flat_stage1} & _saved_widths(_model([2, 3]), ids)
+    plain, saving = (
+        _saved_shapes(_model(None, block), ids),
+        _saved_shapes(_model([2, 3], block), ids),
+    )
+    widths = {PATCH * LOCAL_DIM, 8 * LOCAL_DIM}  # the two global stages' flattened patches
+    assert widths <= {s[-1] for s in plain}
+    assert not widths & {s[-1] for s in saving}
+    local_input = (4 * 16, 1 + 8, LOCAL_DIM)  # (patches, start + bytes, local dim)
+    assert local_input in plain
+    assert local_input not in saving
+    # the global stage's sequences (batch 1, start + 3 or 4 patches): without recomputation its
+    # layers keep many activations; recomputed, only its output (to_next_stage_proj's input) is
+    in_global = {s for s in plain if s[:2] in ((1, 4), (1, 5))}
+    assert len(in_global) > 1
+    assert {s for s in saving if s[:2] in ((1, 4), (1, 5))} <= {(1, 4, 32), (1, 5, 32)}
 
 
 def test_embeddings_are_recomputed_only_in_training():
