@@ -508,13 +508,15 @@ class MBLM(_HierarchyMixin):
         # every byte. Only the positions that are used get projected onto the vocabulary.
         patches = self._as_patches(y, local_shape)
         want_logits = return_type != MBLMReturnType.LOSS
+        targets = ids.reshape(ids.shape[0], -1)[:, :flat_seq_len]
         if flattened and want_logits:
             all_logits = self.to_logits(patch_unpatch(patches, flat_seq_len + 1, True))
             preds, logits_out = all_logits[:, :flat_seq_len], all_logits[:, 1:]
         else:
-            preds = self.to_logits(patch_unpatch(patches, flat_seq_len, True))
-            logits_out = nested_logits
-        targets = ids.reshape(ids.shape[0], -1)[:, :flat_seq_len]
+            rows = patch_unpatch(patches, flat_seq_len, True)
+            if not want_logits and defer_local:
+                return _masked_mean_loss(self._recomputed_row_losses(rows, targets), loss_mask)
+            preds, logits_out = self.to_logits(rows), nested_logits
         loss = self._loss(preds, targets, loss_mask)
         if return_type == MBLMReturnType.LOSS:
             return loss
@@ -597,6 +599,10 @@ class MBLM(_HierarchyMixin):
     def _loss(
         self, preds: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None
     ) -> torch.Tensor:
+        return _masked_mean_loss(self._row_losses(preds, targets), loss_mask)
+
+    def _row_losses(self, preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross entropy of every position, (B, L); pad targets give 0."""
         batch, length, vocab = preds.shape
         rows, row_targets = preds.reshape(batch * length, vocab), targets.reshape(-1).long()
         if cross_entropy_kernel_ok(rows) and not torch.is_autocast_enabled(rows.device.type):
@@ -605,7 +611,28 @@ class MBLM(_HierarchyMixin):
             ce = F.cross_entropy(
                 rows, row_targets, ignore_index=self.pad_token_id, reduction="none"
             )
-        return _masked_mean_loss(ce.view(batch, length), loss_mask)
+        return ce.view(batch, length)
+
+    def _recomputed_row_losses(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``_row_losses(to_logits(rows))`` in the local stage's number of chunks along the
+        sequence, each recomputed in backward: the logits (and their float32 copy for the loss
+        under autocast) are never kept, only ``rows``, cast up front to the autocast dtype that
+        ``to_logits`` would cast it to anyway."""
+        device_type = rows.device.type
+        if torch.is_autocast_enabled(device_type) and rows.is_floating_point():
+            rows = rows.to(torch.get_autocast_dtype(device_type))
+        chunks = self.checkpoint_chunks[-1] or 1
+
+        def row_losses(rows_chunk: torch.Tensor, targets_chunk: torch.Tensor) -> torch.Tensor:
+            return self._row_losses(self.to_logits(rows_chunk), targets_chunk)
+
+        parts = [
+            checkpoint(row_losses, r, t, use_reentrant=False)
+            for r, t in zip(
+                torch.chunk(rows, chunks, dim=1), torch.chunk(targets, chunks, dim=1), strict=True
+            )
+        ]
+        return torch.cat(parts, dim=1)
 
     @torch.inference_mode()
     def generate(

@@ -5,6 +5,7 @@
   floats per input byte per global stage: the largest activations of a long-context model.
 - The global stage is recomputed whole (it has no chunks).
 - The local stage embeds its bytes inside its checkpointed chunks, so its float input is not kept.
+- The logits and the loss are computed in chunks that are recomputed in backward.
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ def _model(chunks: list[int] | None, block: str = "transformer") -> MBLM:
     return MBLM(cfg).train()
 
 
-def _loss_and_grads(model: MBLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _loss_and_grads(
+    model: MBLM, ids: torch.Tensor, autocast: bool = False, loss_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
-    loss = model(ids, return_type=MBLMReturnType.LOSS)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, return_type=MBLMReturnType.LOSS, loss_mask=loss_mask)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -83,6 +87,21 @@ def test_recomputed_embeddings_give_the_same_loss_and_gradients(block):
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_recomputation_under_autocast_and_with_a_loss_mask(monkeypatch):
+    """bf16 autocast: the same chunks with and without the extra recomputation agree to bf16
+    round-off (chunking itself changes bf16 sums, in the original too, so both sides chunk)."""
+    ids = torch.randint(0, 256, (2, 4 * PATCH - 5))
+    mask = (torch.rand(ids.shape) > 0.3).float()
+    loss_b, grads_b = _loss_and_grads(_model([2, 3], "mamba2"), ids, True, mask)
+    monkeypatch.setattr(MBLM, "_saving_memory", lambda self: False)
+    loss_a, grads_a = _loss_and_grads(_model([2, 3], "mamba2"), ids, True, mask)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_a.items():
+        # bf16 weight gradients summed per chunk instead of in one product: an ulp or so
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(grads_b[name], grad, rtol=0, atol=1e-2 * scale, msg=name)
+
+
 @pytest.mark.parametrize("block", ["transformer", "mamba2"])
 def test_checkpoint_chunks_keep_no_patch_wide_activation_and_no_stage_input(block):
     ids = torch.randint(0, 256, (1, 4 * PATCH))
@@ -93,6 +112,8 @@ def test_checkpoint_chunks_keep_no_patch_wide_activation_and_no_stage_input(bloc
     widths = {PATCH * LOCAL_DIM, 8 * LOCAL_DIM}  # the two global stages' flattened patches
     assert widths <= {s[-1] for s in plain}
     assert not widths & {s[-1] for s in saving}
+    assert 257 in {s[-1] for s in plain}  # logits (or their float32 copy for the loss)
+    assert 257 not in {s[-1] for s in saving}  # recomputed in chunks in backward
     local_input = (4 * 16, 1 + 8, LOCAL_DIM)  # (patches, start + bytes, local dim)
     assert local_input in plain
     assert local_input not in saving
