@@ -344,6 +344,20 @@ class _HierarchyMixin(nn.Module):
         return pos_emb.weight[:length] if isinstance(pos_emb, nn.Embedding) else None
 
 
+def _next_byte_targets(ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """The byte each local output predicts, laid out as the outputs (N, 1 + P): output i >= 1 of
+    a local sequence follows byte i - 1 of its patch and predicts the byte after it; output 0
+    (the start) predicts byte 0 in the first sequence of a batch row and nothing (the pad id,
+    ignored by the loss) elsewhere. ``ids``: nested (B, ..., P)."""
+    batch, patch = ids.shape[0], ids.shape[-1]
+    flat = ids.reshape(batch, -1)
+    pad = torch.full_like(flat[:, :1], pad_token_id)
+    after = torch.cat((flat[:, 1:], pad), dim=1).view(-1, patch)
+    start = torch.full_like(flat.view(batch, -1, patch)[..., :1], pad_token_id)
+    start[:, 0, 0] = flat[:, 0]
+    return torch.cat((start.view(-1, 1), after), dim=1)
+
+
 def _masked_mean_loss(ce: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the non-zero entries of ``ce * loss_mask`` (the original's loss reduction).
 
@@ -480,10 +494,19 @@ class MBLM(_HierarchyMixin):
                 inputs_embeds, self.start_tokens[-1].numel()
             )
 
-        # Training with checkpoint chunks: the local stage embeds its bytes inside its
-        # checkpointed chunks, so that only the ids (not its float input) are kept for backward.
+        # Training with checkpoint chunks: the local stage embeds its bytes and projects the
+        # previous stage's outputs inside its checkpointed chunks (and for the loss alone also
+        # computes the per-byte losses there), so that backward keeps the ids and the previous
+        # stage's outputs, not the local stage's float input, outputs or logits.
         defer_local = ids is not None and self.num_stages > 1 and self._saving_memory()
         embs = self._embed_stages(ids, embeds_list, embeds_single, skip_local=defer_local)
+        if defer_local and return_type == MBLMReturnType.LOSS:
+            assert ids is not None
+            targets = _next_byte_targets(ids, self.pad_token_id)
+            ce_rows = self._run_stages(embs, ids, targets)
+            patches = ce_rows.view(ids.shape[0], -1, ce_rows.shape[-1], 1)
+            ce = patch_unpatch(patches, flat_seq_len, True)[..., 0]
+            return _masked_mean_loss(ce, loss_mask)
         y = self._run_stages(embs, ids if defer_local else None)
         lead = ids.shape[:-1] if defer_local else embs[-1].shape[:-2]
         local_shape = (*lead, y.shape[-2], y.shape[-1])
@@ -514,8 +537,6 @@ class MBLM(_HierarchyMixin):
             preds, logits_out = all_logits[:, :flat_seq_len], all_logits[:, 1:]
         else:
             rows = patch_unpatch(patches, flat_seq_len, True)
-            if not want_logits and defer_local:
-                return _masked_mean_loss(self._recomputed_row_losses(rows, targets), loss_mask)
             preds, logits_out = self.to_logits(rows), nested_logits
         loss = self._loss(preds, targets, loss_mask)
         if return_type == MBLMReturnType.LOSS:
@@ -529,15 +550,19 @@ class MBLM(_HierarchyMixin):
         return y.view(local_shape[0], -1, y.shape[-2], y.shape[-1])
 
     def _run_stages(
-        self, embs: list[torch.Tensor], local_ids: torch.Tensor | None = None
+        self,
+        embs: list[torch.Tensor],
+        local_ids: torch.Tensor | None = None,
+        loss_targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs the stages global to local; returns the local outputs (N_{n-1}, 1 + P, D).
-        ``local_ids``: the nested ids, when the local stage's embedding was left to this."""
+        ``local_ids``: the nested ids, when the local stage's embedding was left to this (see
+        ``_run_local_from_ids``, also for ``loss_targets``)."""
         prev: torch.Tensor | None = None
         y = torch.empty(0)
         for k in range(self.num_stages):
             if k == self.num_stages - 1 and local_ids is not None:
-                return self._run_local_from_ids(local_ids, prev)
+                return self._run_local_from_ids(local_ids, y, loss_targets)
             emb = embs[k]
             seq_len, dim = emb.shape[-2], emb.shape[-1]
             # the patches of stage k-1 are the batch of stage k: (N_k, s_k, D_k)
@@ -554,30 +579,45 @@ class MBLM(_HierarchyMixin):
                 y = self._run_stage(k, _assemble(x, self.start_tokens[k], pos, prev))
             else:
                 y = self._run_stage(k, _assemble(x, self.start_tokens[k], pos, prev))[:, :-1]
-            prev = self.to_next_stage_proj[k](y)
+            if k < self.num_stages - 2 or local_ids is None:
+                prev = self.to_next_stage_proj[k](y)
         return y
 
-    def _run_local_from_ids(self, ids: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-        """The local stage in its checkpoint chunks, each embedding its own bytes: backward
-        keeps the ids and the previous stage's projection instead of the float stage input."""
+    def _run_local_from_ids(
+        self, ids: torch.Tensor, upper: torch.Tensor, targets: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The local stage in its checkpoint chunks, each of which embeds its own bytes and
+        projects its rows of ``upper`` (the previous stage's outputs, one per local sequence):
+        backward keeps those two instead of the float stage input. Returns the local outputs
+        (N, 1 + P, D), or with ``targets`` (N, 1 + P) (see ``_next_byte_targets``) the loss of
+        every output, computed in the chunks too so that neither outputs nor logits are kept."""
         k = self.num_stages - 1
         rows = ids.reshape(-1, ids.shape[-1])
+        upper_rows = upper.reshape(-1, upper.shape[-1])
+        # to_next_stage_proj[k - 1] is (Rearrange, Linear, Rearrange): the Linear maps one
+        # upper position to the P rows of a local sequence
+        project = self.to_next_stage_proj[k - 1][1]
         pos = self._fixed_positions(k, rows.shape[-1])
         chunks = self.checkpoint_chunks[k]
-        assert chunks is not None
+        assert chunks is not None and upper_rows.shape[0] == rows.shape[0]
 
-        def run(ids_chunk: torch.Tensor, prev_chunk: torch.Tensor | None) -> torch.Tensor:
+        def run(
+            ids_chunk: torch.Tensor, upper_chunk: torch.Tensor, targets_chunk: torch.Tensor | None
+        ) -> torch.Tensor:
             emb = self._rotate(k, self._stage_embedding(k, ids_chunk, None))
-            tokens = _assemble(emb, self.start_tokens[k], pos, prev_chunk)
-            return self.stage_models[k](tokens)
+            prev = project(upper_chunk).unflatten(-1, (ids_chunk.shape[-1], -1))
+            out = self.stage_models[k](_assemble(emb, self.start_tokens[k], pos, prev))
+            if targets_chunk is None:
+                return out
+            return self._row_losses(self.to_logits(out), targets_chunk)
+
+        def split(t: torch.Tensor | None) -> tuple:
+            return torch.chunk(t, chunks, dim=0) if t is not None else (None,) * chunks
 
         id_chunks = torch.chunk(rows, chunks, dim=0)
-        prev_chunks = (
-            torch.chunk(prev, chunks, dim=0) if prev is not None else (None,) * len(id_chunks)
-        )
         outs = [
-            checkpoint(run, i, p, use_reentrant=False)
-            for i, p in zip(id_chunks, prev_chunks, strict=True)
+            checkpoint(run, i, u, t, use_reentrant=False)
+            for i, u, t in zip(id_chunks, split(upper_rows), split(targets), strict=False)
         ]
         return torch.cat(outs, dim=0)
 
@@ -612,27 +652,6 @@ class MBLM(_HierarchyMixin):
                 rows, row_targets, ignore_index=self.pad_token_id, reduction="none"
             )
         return ce.view(batch, length)
-
-    def _recomputed_row_losses(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``_row_losses(to_logits(rows))`` in the local stage's number of chunks along the
-        sequence, each recomputed in backward: the logits (and their float32 copy for the loss
-        under autocast) are never kept, only ``rows``, cast up front to the autocast dtype that
-        ``to_logits`` would cast it to anyway."""
-        device_type = rows.device.type
-        if torch.is_autocast_enabled(device_type) and rows.is_floating_point():
-            rows = rows.to(torch.get_autocast_dtype(device_type))
-        chunks = self.checkpoint_chunks[-1] or 1
-
-        def row_losses(rows_chunk: torch.Tensor, targets_chunk: torch.Tensor) -> torch.Tensor:
-            return self._row_losses(self.to_logits(rows_chunk), targets_chunk)
-
-        parts = [
-            checkpoint(row_losses, r, t, use_reentrant=False)
-            for r, t in zip(
-                torch.chunk(rows, chunks, dim=1), torch.chunk(targets, chunks, dim=1), strict=True
-            )
-        ]
-        return torch.cat(parts, dim=1)
 
     @torch.inference_mode()
     def generate(

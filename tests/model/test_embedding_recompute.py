@@ -141,3 +141,54 @@ def test_embeddings_are_recomputed_only_in_training():
     handle.remove()
     assert calls == [1, 1]  # train with chunks: forward, then the recomputation in backward
     assert torch.isfinite(eval_loss)
+
+
+@pytest.mark.parametrize("global_block", ["mamba1", "transformer"])
+def test_two_stage_model_gives_the_same_loss_and_gradients(global_block):
+    local = {
+        "block_type": "transformer",
+        "attn_head_dims": 8,
+        "attn_num_heads": 2,
+        "attn_use_rot_embs": True,
+        "pos_emb_type": "fixed",
+    }
+    first = (
+        {"block_type": "mamba1", "d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8}
+        if global_block == "mamba1"
+        else local
+    )
+
+    def model(chunks: list[int] | None) -> MBLM:
+        cfg = MBLMModelConfig(
+            num_tokens=257,
+            pad_token_id=256,
+            hidden_dims=[32, 16],
+            seq_lens=[6, 8],
+            num_layers=[1, 1],
+            train_checkpoint_chunks=chunks,
+            block=[first, local],
+        )
+        torch.manual_seed(0)
+        return MBLM(cfg).train()
+
+    ids = torch.randint(0, 257, (3, 6 * 8 - 3))  # pad ids inside the input too
+    loss_a, grads_a = _loss_and_grads(model(None), ids)
+    loss_b, grads_b = _loss_and_grads(model([4]), ids)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-7)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("return_type", [MBLMReturnType.LOGITS, MBLMReturnType.LOSS_LOGITS])
+def test_logits_in_training_are_the_same(return_type):
+    ids = torch.randint(0, 256, (2, 4 * PATCH - 7))
+    outs = []
+    for chunks in (None, [2, 3]):
+        model = _model(chunks, "mamba2")
+        out = model(ids, return_type=return_type)
+        logits = out if return_type == MBLMReturnType.LOGITS else out[1]
+        logits.square().mean().backward()
+        outs.append((out, model.token_embs_rev[0].embedding.weight.grad.clone()))
+    (out_a, grad_a), (out_b, grad_b) = outs
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-8)
