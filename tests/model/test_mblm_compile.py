@@ -79,3 +79,27 @@ def test_compiled_forward_backward_equals_eager(name, backend, request):
         hidden_c = compiled(ids, return_type=MBLMReturnType.HIDDEN_STATE)
         hidden_e = model(ids, return_type=MBLMReturnType.HIDDEN_STATE)
     torch.testing.assert_close(hidden_c, hidden_e, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_memory_saving_training_equals_eager():
+    """Training with checkpoint chunks (recomputed embeddings, global stage and per-chunk
+    losses) compiles to one graph too."""
+    case = dict(CASES["3stage"])
+    length = case.pop("length")
+    torch.manual_seed(0)
+    cfg = MBLMModelConfig(num_tokens=30, pad_token_id=0, train_checkpoint_chunks=[2, 3], **case)
+    model = MBLM(cfg).train()
+    ids = torch.randint(1, 30, (2, length), generator=torch.Generator().manual_seed(1))
+
+    def step(m):
+        model.zero_grad(set_to_none=True)
+        loss = m(ids, return_type=MBLMReturnType.LOSS)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss_e, grads_e = step(model)
+    torch._dynamo.reset()
+    loss_c, grads_c = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+    for n, g in grads_e.items():
+        torch.testing.assert_close(grads_c[n], g, rtol=1e-4, atol=1e-5, msg=n)
