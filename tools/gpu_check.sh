@@ -102,16 +102,19 @@ step_bench_mamba() {
   bench bench_mamba_layer 150 --device cuda
 }
 
-# The original mblm 0.4.2 beside the machine's CUDA torch (system site packages), from the wheels.
+# The original mblm 0.4.2 beside the machine's CUDA torch: its wheels go into their own folder
+# (not a venv: the machine's python is itself a venv, whose packages a new venv would not see),
+# and a wrapper runs the machine's python with only that folder in front. The benchmark workers
+# start outside the checkout, so `import mblm` there finds the original.
 setup_original() {
-  local venv=build/orig-venv-gpu
-  if ! "$venv/bin/python" -c "import mblm, mambapy, MEGABYTE_pytorch" 2>/dev/null; then
-    $PY -m venv --system-site-packages "$venv"
-    "$venv/bin/python" -m pip install -q --no-index --find-links build/gpu_wheels --no-deps \
-      mblm==0.4.2 megabyte-pytorch mambapy beartype pydantic pydantic_core annotated_types \
-      typing_inspection 2>&1 | tail -n 3
+  local site=$PWD/build/orig-site wrapper=$PWD/build/orig-python
+  if [ ! -d "$site/mblm" ]; then
+    $PY -m pip install -q --no-index --no-deps --target "$site" --find-links build/gpu_wheels \
+      mblm==0.4.2 megabyte-pytorch mambapy beartype einops 2>&1 | tail -n 3
   fi
-  echo "$venv/bin/python"
+  printf '#!/usr/bin/env bash\nPYTHONPATH=%s exec %s "$@"\n' "$site" "$($PY -c 'import sys; print(sys.executable)')" > "$wrapper"
+  chmod +x "$wrapper"
+  echo "$wrapper"
 }
 
 step_bench_model() {

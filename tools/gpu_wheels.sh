@@ -21,7 +21,7 @@ platform=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
 # declared dependencies (they pull transformers and ipykernel, which its model code never imports).
 $PY -m pip download -q --only-binary=:all: "${platform[@]}" -d "$DEST" "pydantic>=2.9" beartype
 $PY -m pip download -q --only-binary=:all: "${platform[@]}" -d "$DEST" --no-deps \
-  "mblm==0.4.2" "megabyte-pytorch>=0.3.6" "mambapy>=1.2.0"
+  "mblm==0.4.2" "megabyte-pytorch>=0.3.6" "mambapy>=1.2.0" "einops>=0.8"
 
 # mamba_ssm: the source distribution only (no build). Its metadata step imports torch and must not
 # try to compile, hence the skip flags and no build isolation.
