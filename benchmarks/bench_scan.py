@@ -224,28 +224,13 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype):
     return x, z, delta, dbc, A, D, bias, rank, n
 
 
-def run_mblm(x, z, delta, dbc, A, D, bias, rank, n):
-    B, C = dbc[..., rank : rank + n], dbc[..., rank + n :]
-    y, _ = selective_scan(
-        x.transpose(1, 2),
-        delta.transpose(1, 2),
-        A,
-        B.transpose(1, 2),
-        C.transpose(1, 2),
-        D,
-        z.transpose(1, 2),
-        bias,
-        True,
-    )
-    return y.transpose(1, 2)
-
-
-def mamba_ssm_peer(selective_scan_fn):
-    """mamba_ssm's selective_scan_fn on the arguments mblm's selective_scan gets (y only)."""
+def _channels_first_scan(scan_fn):
+    """Calls ``scan_fn`` (mblm's selective_scan or mamba_ssm's selective_scan_fn: the same
+    argument order, (B, D, L) layout) on the benchmark's (B, L, D) tensors; returns y (B, L, D)."""
 
     def run(x, z, delta, dbc, A, D, bias, rank, n):
         B, C = dbc[..., rank : rank + n], dbc[..., rank + n :]
-        y = selective_scan_fn(
+        out = scan_fn(
             x.transpose(1, 2),
             delta.transpose(1, 2),
             A,
@@ -256,9 +241,18 @@ def mamba_ssm_peer(selective_scan_fn):
             bias,
             True,
         )
+        y = out[0] if isinstance(out, tuple) else out
         return y.transpose(1, 2)
 
     return run
+
+
+run_mblm = _channels_first_scan(selective_scan)
+
+
+def mamba_ssm_peer(selective_scan_fn):
+    """mamba_ssm's selective_scan_fn on the arguments mblm's selective_scan gets (y only)."""
+    return _channels_first_scan(selective_scan_fn)
 
 
 def peers(device: torch.device, mamba_ssm_src: str | None) -> dict:

@@ -19,25 +19,22 @@ PATCH = 16 * 8
 LOCAL_DIM = 24
 
 
+TRANSFORMER = {
+    "block_type": "transformer",
+    "attn_head_dims": 8,
+    "attn_num_heads": 2,
+    "attn_use_rot_embs": True,
+    "pos_emb_type": "fixed",
+}
+
+
 def _model(chunks: list[int] | None, block: str = "transformer") -> MBLM:
     global_block = (
         {"block_type": "mamba2", "d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8}
         if block == "mamba2"
-        else {
-            "block_type": "transformer",
-            "attn_head_dims": 8,
-            "attn_num_heads": 2,
-            "attn_use_rot_embs": True,
-            "pos_emb_type": "fixed",
-        }
+        else TRANSFORMER
     )
-    local = {
-        "block_type": "transformer",
-        "attn_head_dims": 8,
-        "attn_num_heads": 2,
-        "attn_use_rot_embs": True,
-        "pos_emb_type": "fixed",
-    }
+    local = TRANSFORMER
     cfg = MBLMModelConfig(
         num_tokens=257,
         pad_token_id=256,
@@ -145,13 +142,7 @@ def test_embeddings_are_recomputed_only_in_training():
 
 @pytest.mark.parametrize("global_block", ["mamba1", "transformer"])
 def test_two_stage_model_gives_the_same_loss_and_gradients(global_block):
-    local = {
-        "block_type": "transformer",
-        "attn_head_dims": 8,
-        "attn_num_heads": 2,
-        "attn_use_rot_embs": True,
-        "pos_emb_type": "fixed",
-    }
+    local = TRANSFORMER
     first = (
         {"block_type": "mamba1", "d_state": 8, "d_conv": 4, "expand": 2, "headdim": 8}
         if global_block == "mamba1"
