@@ -434,6 +434,40 @@ def _progress_line(result: dict) -> str:
     return line
 
 
+def _record(args: argparse.Namespace, results: list[dict], result: dict) -> None:
+    """Keeps, prints and writes (CSV, JSON) one worker's result as soon as it is there."""
+    results.append(result)
+    print(_progress_line(result), flush=True)
+    if result.get("fallbacks"):
+        print("  fallbacks: " + " | ".join(result["fallbacks"]), flush=True)
+    if result.get("stderr_tail"):
+        print("  worker stderr:\n" + result["stderr_tail"], flush=True)
+    if not args.no_csv:
+        _common.append_rows("bench_long_context", [csv_row(args, result)])
+    if args.results_json:
+        Path(args.results_json).write_text(json.dumps(results, indent=1))
+
+
+def _refine(args: argparse.Namespace, results: list[dict], start: float) -> None:
+    """After an OOM above a length that trained, tries up to ``--refine`` lengths halfway
+    between the largest that trained and the smallest that ran out of memory (multiples of
+    128 bytes), within the time budget."""
+    for _ in range(args.refine):
+        trained = [r["seq_len"] for r in results if r["status"] == "ok"]
+        too_big = [r["seq_len"] for r in results if r["status"] == "oom"]
+        if not trained or not too_big:
+            return
+        low, high = max(trained), min(too_big)
+        mid = (low + high) // 2 // BYTES_PER_GLOBAL_PATCH * BYTES_PER_GLOBAL_PATCH
+        remaining = args.time_budget - (time.monotonic() - start)
+        if mid <= low or remaining < args.min_worker_s:
+            return
+        print(f"refining between {fmt_length(low)} and {fmt_length(high)}: {fmt_length(mid)}")
+        _record(args, results, launch_worker(args, mid, min(args.worker_timeout, remaining)))
+        if results[-1]["status"] not in ("ok", "oom"):
+            return
+
+
 def run_ladder(args: argparse.Namespace) -> list[dict]:
     lengths = args.lengths or parse_lengths(SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS)
     example = model_config(args.preset, lengths[0], args.chunks, args.smoke)
@@ -454,22 +488,14 @@ def run_ladder(args: argparse.Namespace) -> list[dict]:
             print(f"time budget spent ({args.time_budget:.0f} s): not tried {untried}", flush=True)
             break
         result = launch_worker(args, length, min(args.worker_timeout, remaining))
-        results.append(result)
-        print(_progress_line(result), flush=True)
-        if result.get("fallbacks"):
-            print("  fallbacks: " + " | ".join(result["fallbacks"]), flush=True)
-        if result.get("stderr_tail"):
-            print("  worker stderr:\n" + result["stderr_tail"], flush=True)
-        if not args.no_csv:
-            _common.append_rows("bench_long_context", [csv_row(args, result)])
-        if args.results_json:
-            Path(args.results_json).write_text(json.dumps(results, indent=1))
+        _record(args, results, result)
         if result["status"] != "ok" and not args.keep_going:
             rest = ", ".join(fmt_length(n) for n in lengths[i + 1 :])
             if rest:
                 print(
                     f"stopping after {result['status']} at {fmt_length(length)}: not tried {rest}"
                 )
+            _refine(args, results, start)
             break
 
     print()
@@ -519,6 +545,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny dims (CPU check of the ladder)")
     parser.add_argument(
         "--keep-going", action="store_true", help="try every length after a failure"
+    )
+    parser.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        help="after the first OOM, try up to N lengths halfway to the largest that trained",
     )
     parser.add_argument("--time-budget", type=float, default=540.0, help="seconds for the ladder")
     parser.add_argument("--worker-timeout", type=float, default=300.0, help="seconds per length")

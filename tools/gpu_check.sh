@@ -120,14 +120,14 @@ setup_original() {
 step_bench_model() {
   local orig
   orig=$(setup_original | tail -n 1)
-  bench bench_model 300 --model paper-transformer --device cuda --dtype bfloat16 --rounds 1 \
+  bench bench_model 280 --model paper-transformer --device cuda --dtype bfloat16 --rounds 1 \
     --repeats 2 --orig-python "$orig"
-  bench bench_model 240 --model paper-hybrid --device cuda --dtype bfloat16 --rounds 1 \
+  bench bench_model 220 --model paper-hybrid --device cuda --dtype bfloat16 --rounds 1 \
     --repeats 2 --orig-python "$orig"
 }
 
 step_long_context() {
-  bench bench_long_context 540 --preset paper-hybrid --time-budget 500
+  bench bench_long_context 500 --preset paper-hybrid --time-budget 480 --refine 2
 }
 
 install_missing

@@ -82,7 +82,7 @@ def _ladder_args(**overrides) -> argparse.Namespace:
         preset="paper-hybrid", lengths=[256, 512, 1024, 2048], chunks=[10, 20],
         fixed_chunks=False, batch=1, warmup=1, steps=2, device="cpu", dtype="float32", seed=0,
         smoke=True, keep_going=False, time_budget=1000.0, worker_timeout=100.0, min_worker_s=1.0,
-        alloc_conf="", results_json=None, no_csv=True, simulate_oom_above=0,
+        alloc_conf="", results_json=None, no_csv=True, simulate_oom_above=0, refine=0,
     )  # fmt: skip
     args.update(overrides)
     return argparse.Namespace(**args)
@@ -114,6 +114,25 @@ def test_ladder_stops_at_first_failure(monkeypatch, capsys, status):
     out = capsys.readouterr().out
     assert f"stopping after {status} at 1K: not tried 2K" in out
     assert "largest length that trained: 512 (512 bytes)" in out
+
+
+def test_ladder_refines_between_the_last_success_and_the_first_oom(monkeypatch, capsys):
+    launch, launched = _fake_launch(700)
+    monkeypatch.setattr(bench, "launch_worker", launch)
+    results = bench.run_ladder(_ladder_args(refine=3))
+    # 1024 fails; then 768 (fails) and 640 (trains); no multiple of 128 lies between 640 and
+    # 768, so the third try is not made
+    assert launched == [256, 512, 1024, 768, 640]
+    assert [r["status"] for r in results] == ["ok", "ok", "oom", "oom", "ok"]
+    assert "largest length that trained: 640 (640 bytes)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("status", ["error", "timeout"])
+def test_ladder_refines_only_after_an_oom(monkeypatch, status):
+    launch, launched = _fake_launch(512, status)
+    monkeypatch.setattr(bench, "launch_worker", launch)
+    bench.run_ladder(_ladder_args(refine=3))
+    assert launched == [256, 512, 1024]
 
 
 def test_ladder_keep_going_tries_every_length(monkeypatch, capsys):
