@@ -33,6 +33,8 @@ from mblm.model.config import (
     MBLMReturnType,
 )
 from mblm.model.multi_stage_token_embedding import MultiStageTokenEmbedding
+from mblm.model.mamba1 import Mamba as Mamba1Stage
+from mblm.model.mamba2 import Mamba2Mixer
 from mblm.model.transformer import TransformerDecoder
 from mblm.model.utils import Rearrange, RoPE
 from mblm.ops.loss import cross_entropy, cross_entropy_kernel_ok
@@ -99,6 +101,10 @@ def _stage_models(
             )
         to_next_stage_proj.append(proj)
     return stage_models, to_next_stage_proj
+
+
+# Stage models whose forward has no side effects, so that recomputing it in backward is safe.
+_OWN_STAGES = (TransformerDecoder, Mamba1Stage, Mamba2Mixer)
 
 
 def _checkpoint_chunks(cfg: MBLMModelConfig, num_stages: int) -> list[int | None]:
@@ -626,8 +632,10 @@ class MBLM(_HierarchyMixin):
         chunks = self.checkpoint_chunks[k]
         if chunks is None:
             # the global stage (one sequence per batch row, so no chunks) is recomputed whole:
-            # its L / S_0 positions cost little to recompute but keep every layer's activations
-            if k == 0 and self._saving_memory():
+            # its L / S_0 positions cost little to recompute but keep every layer's activations.
+            # Only this package's stages: a custom block may have forward side effects (say,
+            # BatchNorm's running statistics) that a recomputation would repeat.
+            if k == 0 and isinstance(model, _OWN_STAGES) and self._saving_memory():
                 return checkpoint(model, tokens, use_reentrant=False)
             return model(tokens)
         outs = [
