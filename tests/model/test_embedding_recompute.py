@@ -183,3 +183,24 @@ def test_logits_in_training_are_the_same(return_type):
     (out_a, grad_a), (out_b, grad_b) = outs
     torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-8)
+
+
+class _CountingStage(torch.nn.Module):
+    """A custom stage with a forward side effect (a call counter, like BatchNorm's statistics)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(dim, dim)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.tanh(self.linear(x))
+
+
+def test_custom_global_stage_is_not_recomputed():
+    model = _model([2, 3])
+    model.stage_models[0] = _CountingStage(32)
+    ids = torch.randint(0, 256, (1, 4 * PATCH))
+    model(ids, return_type=MBLMReturnType.LOSS).backward()
+    assert model.stage_models[0].calls == 1
