@@ -15,6 +15,7 @@ import torch
 
 import mblm
 from mblm.ops import build_info, ssd_cpu_isa
+from mblm.ops._common import CUDA_FAMILIES, cuda_family_enabled
 
 # CPU features that matter for the vectorised kernels, in the order they are reported.
 _CPU_FEATURES = (
@@ -58,6 +59,16 @@ def cpu_features() -> list[str]:
     return [feature for feature in _CPU_FEATURES if feature in flags]
 
 
+def _cuda_families() -> str:
+    """The op families whose CUDA kernels the wrappers use (proven on a GPU, or opted into)."""
+    used = [f for f in CUDA_FAMILIES if cuda_family_enabled(f)]
+    held = [f for f in CUDA_FAMILIES if f not in used]
+    text = ", ".join(used) or "none"
+    if held:
+        text += f" (not yet proven on a GPU, PyTorch fallback: {', '.join(held)})"
+    return text
+
+
 def collect() -> dict[str, Any]:
     """Everything ``main`` prints, as a dict."""
     info = build_info()
@@ -72,6 +83,7 @@ def collect() -> dict[str, Any]:
         "built against torch": info.get("torch"),
         "CUDA kernels": "on" if info.get("cuda") else "off",
         "CUDA archs": info.get("cuda_archs") or "-",
+        "CUDA kernels in use": _cuda_families() if info.get("cuda") else "-",
         "CUDA device": cuda_device or "none",
         "CPU arch (build)": info.get("cpu_arch") or "default",
         "SSD CPU kernels": ssd_cpu_isa(),

@@ -21,6 +21,9 @@ cd "$(dirname "$0")/.."
 LOGS=${MBLM_GPU_LOGS:-build/gpu-out}
 mkdir -p "$LOGS"
 PY=${PYTHON:-python3}
+# The CUDA kernels not yet proven on a GPU are what this script is for: use them (see
+# mblm/ops/_common.py; `MBLM_CUDA_UNPROVEN= bash tools/gpu_check.sh ...` measures the defaults).
+export MBLM_CUDA_UNPROVEN=${MBLM_CUDA_UNPROVEN-1}
 export PYTHONUNBUFFERED=1 MBLM_MAMBA_SSM_SRC=${MBLM_MAMBA_SSM_SRC:-$PWD/build/mamba_ssm_src}
 
 steps=()

@@ -32,9 +32,9 @@ from mblm.model.config import (
     MBLMModelConfig,
     MBLMReturnType,
 )
-from mblm.model.multi_stage_token_embedding import MultiStageTokenEmbedding
 from mblm.model.mamba1 import Mamba as Mamba1Stage
 from mblm.model.mamba2 import Mamba2Mixer
+from mblm.model.multi_stage_token_embedding import MultiStageTokenEmbedding
 from mblm.model.transformer import TransformerDecoder
 from mblm.model.utils import Rearrange, RoPE
 from mblm.ops.loss import cross_entropy, cross_entropy_kernel_ok

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mblm.ops import reference
-from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
+from mblm.ops._common import KERNEL_DTYPES, kernel_device_types, no_kernel_reason, warn_once
 
 __all__ = ["attention", "attention_kv"]
 
@@ -67,7 +67,11 @@ def attention_kv(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if (dropout_p > 0.0 and training) or _fallback_reason(q, cos, sin) is not None:
+    if (
+        (dropout_p > 0.0 and training)
+        or q.device.type not in _KV_KERNEL_DEVICE_TYPES
+        or _fallback_reason(q, cos, sin) is not None
+    ):
         return attention(
             q,
             kv.select(2, 0),
@@ -83,18 +87,15 @@ def attention_kv(
     return out
 
 
-# Which device types have a kernel, decided once at import: the wrapper's choice then reads only
-# static properties of its inputs, so it traces under torch.compile(fullgraph=True).
-_KERNEL_DEVICE_TYPES = frozenset(
-    t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
-)
+_KERNEL_DEVICE_TYPES = kernel_device_types("attention")
+# The packed-kv kernels (attn_kv_*) are their own family on CUDA: until proven there,
+# attention_kv runs the proven attn_* kernels on views of kv.
+_KV_KERNEL_DEVICE_TYPES = kernel_device_types("attention_kv")
 
 
 def _fallback_reason(q: Tensor, cos: Tensor | None, sin: Tensor | None) -> str | None:
-    if q.device.type not in _KERNEL_DEVICE_TYPES:
-        return f"no kernel for device {q.device}"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"no kernel for dtype {q.dtype}"
+    if q.device.type not in _KERNEL_DEVICE_TYPES or q.dtype not in KERNEL_DTYPES:
+        return no_kernel_reason("attention", q.device, q.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (cos, sin)):
         return "gradients w.r.t. cos/sin are not computed by the kernel"
     return None

@@ -12,13 +12,11 @@ import torch
 from torch import Tensor
 
 from mblm.ops import reference
-from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
+from mblm.ops._common import KERNEL_DTYPES, kernel_device_types, no_kernel_reason, warn_once
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_step_"]
 
-_KERNEL_DEVICE_TYPES = frozenset(
-    t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
-)
+_KERNEL_DEVICE_TYPES = kernel_device_types("conv")
 
 
 def _has_kernel(x: Tensor) -> bool:
@@ -40,7 +38,9 @@ def causal_conv1d(
     initial_state (gradients flow from y and final_state).
     """
     if not _has_kernel(x):
-        warn_once(f"mblm.ops.conv: no kernel for {x.device} / {x.dtype}; running the reference")
+        warn_once(
+            f"mblm.ops.conv: {no_kernel_reason('conv', x.device, x.dtype)}; running the reference"
+        )
         return reference.causal_conv1d_ref(x, weight, bias, initial_state, activation)
     y, final_state = torch.ops.mblm.conv1d_fwd.default(x, weight, bias, initial_state, activation)
     return y, final_state
@@ -56,7 +56,9 @@ def causal_conv1d_step_(
     """One decode step in place: x (B, C); conv_state (B, C, K - 1) drops its oldest input and
     appends x. Returns y (B, C), equal to ``causal_conv1d`` of that one step from the state."""
     if not _has_kernel(x):
-        warn_once(f"mblm.ops.conv: no kernel for {x.device} / {x.dtype}; running the reference")
+        warn_once(
+            f"mblm.ops.conv: {no_kernel_reason('conv', x.device, x.dtype)}; running the reference"
+        )
         y, new_state = reference.causal_conv1d_ref(
             x[:, :, None], weight, bias, conv_state, activation
         )

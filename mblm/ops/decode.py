@@ -16,15 +16,13 @@ import torch
 from torch import Tensor
 
 from mblm.ops import reference
-from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
+from mblm.ops._common import KERNEL_DTYPES, kernel_device_types, no_kernel_reason, warn_once
 
 __all__ = ["attn_decode"]
 
 _OP = torch.ops.mblm.attn_decode.default  # resolved once: the lookup costs microseconds
 _CUDA_MAX_HEAD_DIM = 256  # csrc/cuda/decode.cu: up to 8 head dims per lane of a warp
-_KERNEL_DEVICE_TYPES = frozenset(
-    t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
-)
+_KERNEL_DEVICE_TYPES = kernel_device_types("decode")
 
 
 def attn_decode(
@@ -55,11 +53,14 @@ def attn_decode(
             "mblm: attn_decode is an inference op (cached decoding) and has no backward; run it "
             "under torch.no_grad() / inference_mode(), or use mblm.ops.attention for training"
         )
-    no_kernel = q.device.type not in _KERNEL_DEVICE_TYPES or q.dtype not in KERNEL_DTYPES
-    if no_kernel or (q.device.type == "cuda" and q.shape[-1] > _CUDA_MAX_HEAD_DIM):
+    if q.device.type not in _KERNEL_DEVICE_TYPES or q.dtype not in KERNEL_DTYPES:
+        reason = no_kernel_reason("decode", q.device, q.dtype)
+        warn_once(f"mblm.ops.decode: {reason}; running the PyTorch reference")
+        return reference.attn_decode_ref(q, k, v, k_cache, v_cache, lens, rows, cos, sin, scale)
+    if q.device.type == "cuda" and q.shape[-1] > _CUDA_MAX_HEAD_DIM:
         warn_once(
-            f"mblm.ops.decode: no attn_decode kernel for {q.device.type}/{q.dtype} with head dim "
-            f"{q.shape[-1]}; running the PyTorch reference"
+            f"mblm.ops.decode: no CUDA attn_decode kernel for head dim {q.shape[-1]} (at most "
+            f"{_CUDA_MAX_HEAD_DIM}); running the PyTorch reference"
         )
         return reference.attn_decode_ref(q, k, v, k_cache, v_cache, lens, rows, cos, sin, scale)
     return _OP(q, k, v, k_cache, v_cache, lens, rows, cos, sin, scale)

@@ -11,13 +11,11 @@ import torch
 from torch import Tensor
 
 from mblm.ops import reference
-from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
+from mblm.ops._common import KERNEL_DTYPES, kernel_device_types, no_kernel_reason, warn_once
 
 __all__ = ["gelu_bwd", "gelu_kernel_ok"]
 
-_KERNEL_DEVICE_TYPES = frozenset(
-    t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
-)
+_KERNEL_DEVICE_TYPES = kernel_device_types("gelu")
 
 
 def gelu_kernel_ok(h: Tensor) -> bool:
@@ -30,7 +28,9 @@ def gelu_bwd(grad_act: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     and dtype. Not differentiable itself. Devices without a kernel and other dtypes run the
     reference (with a one-time warning)."""
     if not gelu_kernel_ok(h):
-        warn_once(f"mblm.ops.gelu: no kernel for {h.dtype} on {h.device}; running the reference")
+        warn_once(
+            f"mblm.ops.gelu: {no_kernel_reason('gelu', h.device, h.dtype)}; running the reference"
+        )
         return reference.gelu_bwd_ref(grad_act, h)
     return torch.ops.mblm.gelu_bwd.default(grad_act, h)
 

@@ -11,13 +11,11 @@ import torch
 from torch import Tensor
 
 from mblm.ops import reference
-from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
+from mblm.ops._common import KERNEL_DTYPES, kernel_device_types, no_kernel_reason, warn_once
 
 __all__ = ["cross_entropy", "cross_entropy_kernel_ok"]
 
-_KERNEL_DEVICE_TYPES = frozenset(
-    t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
-)
+_KERNEL_DEVICE_TYPES = kernel_device_types("loss")
 
 
 def cross_entropy_kernel_ok(logits: Tensor) -> bool:
@@ -31,9 +29,8 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100) -> T
     Differentiable in logits. Devices without a kernel and other dtypes run the reference (with
     a one-time warning)."""
     if not cross_entropy_kernel_ok(logits):
-        warn_once(
-            f"mblm.ops.loss: no kernel for {logits.dtype} on {logits.device}; running the reference"
-        )
+        reason = no_kernel_reason("loss", logits.device, logits.dtype)
+        warn_once(f"mblm.ops.loss: {reason}; running the reference")
         return reference.cross_entropy_ref(logits, target, ignore_index)[0]
     return torch.ops.mblm.cross_entropy_fwd.default(logits, target, int(ignore_index))[0]
 

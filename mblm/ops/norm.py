@@ -12,15 +12,11 @@ import torch
 from torch import Tensor
 
 from mblm.ops import reference
-from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
+from mblm.ops._common import KERNEL_DTYPES, kernel_device_types, no_kernel_reason, warn_once
 
 __all__ = ["rms_norm", "rms_norm_kernel_ok"]
 
-# Which device types have a kernel, decided once at import: the wrapper's choice then reads only
-# static properties of its inputs, so it traces under torch.compile(fullgraph=True).
-_KERNEL_DEVICE_TYPES = frozenset(
-    t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
-)
+_KERNEL_DEVICE_TYPES = kernel_device_types("norm")
 
 
 def rms_norm_kernel_ok(x: Tensor, g: Tensor) -> bool:
@@ -42,7 +38,9 @@ def rms_norm(
     if scale is None:
         scale = x.shape[-1] ** -0.5
     if x.device.type not in _KERNEL_DEVICE_TYPES or x.dtype not in KERNEL_DTYPES:
-        warn_once(f"mblm.ops.norm: no kernel for {x.dtype} on {x.device}; running the reference")
+        warn_once(
+            f"mblm.ops.norm: {no_kernel_reason('norm', x.device, x.dtype)}; running the reference"
+        )
         return reference.rms_norm_ref(x, g, scale, eps, shift)[0]
     return torch.ops.mblm.rms_norm_fwd.default(x, g, float(scale), float(eps), shift)[0]
 

@@ -25,7 +25,7 @@ __all__ = ["patch_pad", "patch_unpatch", "stage_input"]
 ID_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 # Resolved once at import: torch.compile(fullgraph=True) cannot trace the extension's build_info.
-_CUDA_KERNELS = kernel_device_ok(torch.device("cuda"))
+_CUDA_KERNELS = kernel_device_ok(torch.device("cuda"), "patch")
 
 
 def _has_kernel(device: torch.device) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mblm.ops import reference
-from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
+from mblm.ops._common import KERNEL_DTYPES, kernel_device_types, no_kernel_reason, warn_once
 
 __all__ = ["SCAN_CHUNK", "selective_scan", "selective_scan_step", "selective_scan_step_"]
 
@@ -27,9 +27,7 @@ SCAN_CHUNK = 64
 # Largest state size N the CUDA kernels take (csrc/include/mblm/scan_params.h: kScanMaxStateCuda).
 _CUDA_MAX_STATE = 64
 
-_KERNEL_DEVICE_TYPES = frozenset(
-    t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
-)
+_KERNEL_DEVICE_TYPES = kernel_device_types("scan")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,7 +36,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _fallback_reason(u: Tensor, A: Tensor) -> str | None:
     if u.device.type not in _KERNEL_DEVICE_TYPES:
-        return f"no kernel for device {u.device}"
+        return no_kernel_reason("scan", u.device, u.dtype)
     if u.dtype not in KERNEL_DTYPES:
         return f"no kernel for dtype {u.dtype}"
     if u.device.type == "cuda":

@@ -14,23 +14,19 @@ import torch
 from torch import Tensor
 
 from mblm.ops import reference
-from mblm.ops._common import KERNEL_DTYPES, kernel_device_ok, warn_once
+from mblm.ops._common import KERNEL_DTYPES, kernel_device_types, no_kernel_reason, warn_once
 
 __all__ = ["CHECKPOINT_STEPS", "ssd_scan", "ssd_step", "ssd_step_"]
 
 # Steps between two saved states (kSsdCheckpointSteps in csrc/include/mblm/ssd.h).
 CHECKPOINT_STEPS = 256
 
-# Which device types have a kernel, decided once at import: the wrapper's choice then reads only
-# static properties of its inputs, so it traces under torch.compile(fullgraph=True).
-_KERNEL_DEVICE_TYPES = frozenset(
-    t for t in ("cpu", "cuda", "meta") if kernel_device_ok(torch.device(t))
-)
+_KERNEL_DEVICE_TYPES = kernel_device_types("ssd")
 
 
 def _fallback_reason(x: Tensor) -> str | None:
     if x.device.type not in _KERNEL_DEVICE_TYPES:
-        return f"no kernel for device {x.device}"
+        return no_kernel_reason("ssd", x.device, x.dtype)
     if x.dtype not in KERNEL_DTYPES:
         return f"no kernel for dtype {x.dtype}"
     return None
@@ -65,7 +61,9 @@ def ssd_scan(
     reason = _fallback_reason(x)
     if reason is not None:
         warn_once(f"mblm.ops.ssd: {reason}; running the PyTorch reference")
-        return reference.ssd_ref(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state)
+        # on a GPU, the chunked form (batched matrix products) rather than a loop over steps
+        ref = reference.ssd_chunked_ref if x.device.type == "cuda" else reference.ssd_ref
+        return ref(x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state)
     y, final_state, _ = torch.ops.mblm.ssd_fwd.default(
         x, dt, A, B, C, D, dt_bias, dt_softplus, initial_state
     )

@@ -88,6 +88,15 @@ def test_help_and_usage_errors() -> None:
     fails_with(run("--weights", "w", "--prompt", "x", "--num-tokens", "-3"), "--num-tokens")
 
 
+def test_cuda_is_opt_in_until_validated(weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MBLM_CUDA_UNPROVEN", raising=False)
+    args = ("--weights", weights, "--prompt", "x", "--device", "cuda")
+    fails_with(run(*args), "has not been validated on a GPU yet; set MBLM_CUDA_UNPROVEN=1")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("MBLM_CUDA_UNPROVEN", "1")
+        fails_with(run(*args), "CUDA is not available")
+
+
 def test_greedy_generation_matches_python(model: MBLM, weights: Path) -> None:
     prompt = b"def f(x):\n"
     expected = model.generate(
