@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 
@@ -277,6 +278,73 @@ def selective_scan_ref(
         h = decay[:, :, t] * h + drive[:, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, Cc[:, :, t]))
     y = torch.stack(ys, dim=2) if ys else uc.new_zeros(batch, channels, 0)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * uc
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.to(cdt))
+    return y.to(u.dtype), h
+
+
+def selective_scan_chunked_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """``selective_scan_ref`` computed chunk by chunk, each chunk by a parallel prefix scan: the
+    steps h -> a_t * h + b_t compose as (a2, b2) o (a1, b1) = (a2 a1, a2 b1 + b2), so
+    log2(chunk_size) doubling passes over a chunk's (B, D, T, N) tensors give every h_t of it
+    from the state entering it. With gradients enabled each chunk is recomputed in backward
+    (torch checkpoint), so memory stays that of the states between chunks. Same arguments and
+    results as ``selective_scan_ref``; the scan's PyTorch fallback on GPUs, where a loop over
+    steps would launch kernels per position."""
+    cdt = _compute_dtype(u)
+    uc = u.to(cdt)
+    dt = delta.to(cdt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    Ac, Bc, Cc = A.to(cdt), B.to(cdt), C.to(cdt)
+    batch, channels, length = u.shape
+    h = (
+        uc.new_zeros(batch, channels, A.shape[1])
+        if initial_state is None
+        else initial_state.to(cdt)
+    )
+
+    def chunk(h0: Tensor, dt_c: Tensor, u_c: Tensor, b_c: Tensor, c_c: Tensor):
+        a = torch.exp(dt_c[..., None] * Ac[:, None, :])  # (B, D, T, N)
+        b = (dt_c * u_c)[..., None] * b_c.transpose(1, 2)[:, None]
+        step = 1
+        while step < a.shape[2]:
+            # compose every step with the span of `step` steps before it (identity before 0)
+            a_prev = torch.nn.functional.pad(a[:, :, :-step], (0, 0, step, 0), value=1.0)
+            b_prev = torch.nn.functional.pad(b[:, :, :-step], (0, 0, step, 0), value=0.0)
+            b = a * b_prev + b
+            a = a * a_prev
+            step *= 2
+        hs = a * h0[:, :, None, :] + b
+        return torch.einsum("bdtn,bnt->bdt", hs, c_c), hs[:, :, -1]
+
+    recompute = torch.is_grad_enabled()
+    ys = []
+    for start in range(0, length, chunk_size):
+        part = slice(start, min(start + chunk_size, length))
+        args = (h, dt[:, :, part], uc[:, :, part], Bc[:, :, part], Cc[:, :, part])
+        if recompute:
+            y_c, h = torch.utils.checkpoint.checkpoint(chunk, *args, use_reentrant=False)
+        else:
+            y_c, h = chunk(*args)
+        ys.append(y_c)
+    y = torch.cat(ys, dim=2) if ys else uc.new_zeros(batch, channels, 0)
     if D is not None:
         y = y + D.to(cdt)[:, None] * uc
     if z is not None:

@@ -70,9 +70,13 @@ def selective_scan(
     reason = _fallback_reason(u, A)
     if reason is not None:
         warn_once(f"mblm.ops.scan: {reason}; running the PyTorch reference")
-        return reference.selective_scan_ref(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
+        # on a GPU, the chunked parallel form rather than a loop over steps
+        ref = (
+            reference.selective_scan_chunked_ref
+            if u.device.type == "cuda"
+            else reference.selective_scan_ref
         )
+        return ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     y, final_state, _ = torch.ops.mblm.scan_fwd.default(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
     )

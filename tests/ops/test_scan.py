@@ -18,6 +18,7 @@ from conftest import devices
 from tolerances import GRAD_TOL, VALUE_TOL
 
 import mblm.ops  # noqa: F401  (registers torch.ops.mblm)
+from mblm.ops import reference
 from mblm.ops.reference import selective_scan_ref
 from mblm.ops.scan import (
     SCAN_CHUNK,
@@ -564,3 +565,30 @@ def test_cuda_large_state_falls_back():
     with pytest.warns(RuntimeWarning, match="state sizes"):
         y, _ = call_kernel(t, True)
     assert_close(y, call_ref(t, True)[0], VALUE_TOL[torch.float32], "y")
+
+
+@pytest.mark.parametrize("length,chunk", [(37, 8), (64, 16), (5, 128), (1, 4), (0, 4)])
+@pytest.mark.parametrize("opts", [{}, {"D": False, "z": False, "bias": False, "init": False}])
+def test_chunked_reference_equals_sequential_reference(length, chunk, opts):
+    """``selective_scan_chunked_ref`` (the GPU fallback: parallel prefix scan per chunk,
+    recomputed in backward) gives the sequential reference's values and gradients."""
+    inputs = make_inputs(2, 3, length, 4, torch.float64, requires_grad=True, **opts)
+    results = []
+    for chunked in (False, True):
+        args = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+        *tensors, init = args
+        if chunked:
+            y, h = reference.selective_scan_chunked_ref(*tensors, True, init, chunk_size=chunk)
+        else:
+            y, h = selective_scan_ref(*tensors, True, init)
+        grads = []
+        if length:
+            (y.square().sum() + h.sin().sum()).backward()
+            grads = [a.grad if a is not None else None for a in args]
+        results.append((y.detach(), h.detach(), grads))
+    (y0, h0, g0), (y1, h1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h1, h0, rtol=1e-10, atol=1e-12)
+    for name, a, b in zip(NAMES, g0, g1, strict=False):  # no gradients at length 0
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, msg=name)
