@@ -258,6 +258,32 @@ def selective_scan_ref(
     Math in float32 (float64 for float64 u). Returns y (B, D, L) in u's dtype and the last state
     h_{L-1} (B, D, N) in the compute dtype (the initial_state of the continuation).
     """
+    uc, dt, Ac, Bc, Cc, h = _scan_inputs(
+        u, delta, A, B, C, delta_bias, delta_softplus, initial_state
+    )
+    decay = torch.exp(dt[..., None] * Ac[:, None, :])
+    drive = (dt * uc)[..., None] * Bc.transpose(1, 2)[:, None, :, :]
+    batch, channels, length = u.shape
+    ys = []
+    for t in range(length):
+        h = decay[:, :, t] * h + drive[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, Cc[:, :, t]))
+    y = torch.stack(ys, dim=2) if ys else uc.new_zeros(batch, channels, 0)
+    return _scan_output(y, uc, D, z).to(u.dtype), h
+
+
+def _scan_inputs(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The scan's operands in the compute dtype: u, the step dt = softplus?(delta + bias), A, B,
+    C, and the initial state (zeros if None)."""
     cdt = _compute_dtype(u)
     uc = u.to(cdt)
     dt = delta.to(cdt)
@@ -265,24 +291,20 @@ def selective_scan_ref(
         dt = dt + delta_bias.to(cdt)[:, None]
     if delta_softplus:
         dt = torch.nn.functional.softplus(dt)
-    Ac, Bc, Cc = A.to(cdt), B.to(cdt), C.to(cdt)
-    decay = torch.exp(dt[..., None] * Ac[:, None, :])
-    drive = (dt * uc)[..., None] * Bc.transpose(1, 2)[:, None, :, :]
-    batch, channels, length = u.shape
     if initial_state is None:
-        h = uc.new_zeros(batch, channels, A.shape[1])
+        h = uc.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     else:
         h = initial_state.to(cdt)
-    ys = []
-    for t in range(length):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", h, Cc[:, :, t]))
-    y = torch.stack(ys, dim=2) if ys else uc.new_zeros(batch, channels, 0)
+    return uc, dt, A.to(cdt), B.to(cdt), C.to(cdt), h
+
+
+def _scan_output(y: Tensor, uc: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """y (+ D skip) (* silu(z) gate), in uc's compute dtype."""
     if D is not None:
-        y = y + D.to(cdt)[:, None] * uc
+        y = y + D.to(uc.dtype)[:, None] * uc
     if z is not None:
-        y = y * torch.nn.functional.silu(z.to(cdt))
-    return y.to(u.dtype), h
+        y = y * torch.nn.functional.silu(z.to(uc.dtype))
+    return y
 
 
 def selective_scan_chunked_ref(
@@ -305,20 +327,10 @@ def selective_scan_chunked_ref(
     (torch checkpoint), so memory stays that of the states between chunks. Same arguments and
     results as ``selective_scan_ref``; the scan's PyTorch fallback on GPUs, where a loop over
     steps would launch kernels per position."""
-    cdt = _compute_dtype(u)
-    uc = u.to(cdt)
-    dt = delta.to(cdt)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(cdt)[:, None]
-    if delta_softplus:
-        dt = torch.nn.functional.softplus(dt)
-    Ac, Bc, Cc = A.to(cdt), B.to(cdt), C.to(cdt)
-    batch, channels, length = u.shape
-    h = (
-        uc.new_zeros(batch, channels, A.shape[1])
-        if initial_state is None
-        else initial_state.to(cdt)
+    uc, dt, Ac, Bc, Cc, h = _scan_inputs(
+        u, delta, A, B, C, delta_bias, delta_softplus, initial_state
     )
+    batch, channels, length = u.shape
 
     def chunk(h0: Tensor, dt_c: Tensor, u_c: Tensor, b_c: Tensor, c_c: Tensor):
         a = torch.exp(dt_c[..., None] * Ac[:, None, :])  # (B, D, T, N)
@@ -345,11 +357,7 @@ def selective_scan_chunked_ref(
             y_c, h = chunk(*args)
         ys.append(y_c)
     y = torch.cat(ys, dim=2) if ys else uc.new_zeros(batch, channels, 0)
-    if D is not None:
-        y = y + D.to(cdt)[:, None] * uc
-    if z is not None:
-        y = y * torch.nn.functional.silu(z.to(cdt))
-    return y.to(u.dtype), h
+    return _scan_output(y, uc, D, z).to(u.dtype), h
 
 
 def ssd_ref(
