@@ -341,7 +341,7 @@ class _HierarchyMixin(nn.Module):
         return (
             self.training
             and torch.is_grad_enabled()
-            and any(c is not None for c in getattr(self, "checkpoint_chunks", ()))
+            and any(c is not None for c in self.checkpoint_chunks)
         )
 
     def _fixed_positions(self, k: int, length: int) -> torch.Tensor | None:

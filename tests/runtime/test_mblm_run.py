@@ -116,38 +116,15 @@ def test_output_file_stats_and_config_file(weights: Path, tmp_path: Path) -> Non
     prompt = tmp_path / "prompt.bin"
     prompt.write_bytes(bytes(range(250, 256)))
     out = tmp_path / "out.bin"
-    result = run(
-        "--weights",
-        weights,
-        "--config",
-        config,
-        "--prompt-file",
-        prompt,
-        "--num-tokens",
-        100,
-        "--seed",
-        3,
-        "--output",
-        out,
-        "--stats",
-    )
+    args = ("--weights", weights, "--config", config, "--prompt-file", prompt)
+    args += ("--num-tokens", 100, "--seed", 3)
+    result = run(*args, "--output", out, "--stats")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b""
     # capped by the context: 8 * 4 - 6 bytes
     assert len(out.read_bytes()) == 8 * 4 - 6
     assert b"bytes/s" in result.stderr
-    again = run(
-        "--weights",
-        weights,
-        "--config",
-        config,
-        "--prompt-file",
-        prompt,
-        "--num-tokens",
-        100,
-        "--seed",
-        3,
-    )
+    again = run(*args)
     assert again.stdout == out.read_bytes()  # same seed, same bytes
 
 
