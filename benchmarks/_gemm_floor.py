@@ -52,6 +52,7 @@ def gemm_floor_seconds(step: Callable[[], Any], repeats: int = 3) -> tuple[float
         step()
     work = []
     flop = 0.0
+    device_type = next((key[3] for key in recorder.calls), "cpu")
     for (func, shapes, dtype, device), count in recorder.calls.items():
         operands = [torch.randn(s, dtype=dtype, device=device) for s in shapes]
         work.append((func, operands, count))
@@ -60,12 +61,12 @@ def gemm_floor_seconds(step: Callable[[], Any], repeats: int = 3) -> tuple[float
         flop += 2.0 * batch * m_k[-2] * m_k[-1] * k_n[-1] * count
     times = []
     for _ in range(repeats + 1):  # the first pass warms up
-        _synchronize(work[0][1][0].device.type if work else "cpu")
+        _synchronize(device_type)
         start = time.perf_counter()
         for func, operands, count in work:
             for _ in range(count):
                 func(*operands)
-        _synchronize(work[0][1][0].device.type if work else "cpu")
+        _synchronize(device_type)
         times.append(time.perf_counter() - start)
     times = sorted(times[1:])
     return times[len(times) // 2], flop / 1e9
